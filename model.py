@@ -1,0 +1,641 @@
+"""The video LMM: CLIP ViT -> 2-layer MLP projector -> pooled video tokens spliced into a LLaMA decoder.
+
+Everything here is plain PyTorch. Submodule names follow Hugging Face (CLIP, LLaMA, LLaVA) so real
+checkpoints load by renaming keys only (`map_hf_key`). Also here: a KV-cached sampler (`generate`), the
+reward/value head, hand-written LoRA, and our own checkpoint format (`save_pretrained` / `load_pretrained`).
+There is no dropout anywhere: PPO needs the first policy ratio to be exactly 1 (SPEC 5).
+"""
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class VisionConfig:  # CLIP ViT; tiny defaults for the synthetic world (LLaVA-1.5: 336 / 14 / 1024 / 24 layers)
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    num_layers: int = 2  # layers of the full CLIP tower; only those up to select_layer are built
+    num_heads: int = 4
+    intermediate_size: int = 256
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2  # index into CLIP's hidden_states: -2 = penultimate layer, as LLaVA (SPEC 2)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_used(self) -> int:
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i
+        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+
+
+@dataclass
+class LLMConfig:  # LLaMA decoder
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 344
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    num_frames: int = 8
+    video_token_id: int = 4
+    pad_token_id: int = 3
+    eos_token_id: int = 2
+    bos_token_id: int = 1
+    kind: str = "policy"  # "policy" | "reward" | "value": what a checkpoint is, checked on load
+
+    @property
+    def n_video_tokens(self) -> int:  # temporal tokens (one per frame) + spatial tokens (one per patch)
+        return self.num_frames + self.vision.num_patches
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        rest = {k: v for k, v in d.items() if k not in ("vision", "llm")}
+        return cls(vision=VisionConfig(**d["vision"]), llm=LLMConfig(**d["llm"]), **rest)
+
+
+# ----------------------------------------------------------------------------- vision tower (CLIP ViT)
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):  # (N, S, Dv)
+        q, k, v = (rearrange(p(x), "n s (h d) -> n h s d", h=self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every token sees every token: no mask in a ViT
+        return self.out_proj(rearrange(y, "n h s d -> n s (h d)"))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU, what OpenAI CLIP was trained with
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, cfg.hidden_size)
+
+    def forward(self, pixels):  # (N, 3, H, W)
+        patches = rearrange(self.patch_embedding(pixels), "n d gh gw -> n (gh gw) d")  # (N, P, Dv)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, Dv)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (N, 1 + P, Dv)
+
+
+class CLIPVision(nn.Module):
+    """Returns CLIP's hidden_states[select_layer] without the CLS token; later layers are never built."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's spelling
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers_used))
+
+    def forward(self, pixels):  # (N, 3, H, W) -> (N, P, Dv)
+        x = self.pre_layrnorm(self.embeddings(pixels.to(self.pre_layrnorm.weight.dtype)))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return x[:, 1:]  # drop CLS (SPEC 2)
+
+
+# ----------------------------------------------------------------------------- language model (LLaMA)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the weight, exactly as HF LLaMA, so bf16 results match it
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos/sin for rotary embeddings at per-row positions (B, T) -> (B, 1, T, head_dim) each."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # HF "rotate_half" layout: first half / second half pairs
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys/values of every layer, preallocated for the whole generation and written in place."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # slots filled; advanced by VideoLLM.forward after all layers wrote
+
+    def update(self, layer: int, k, v):  # k, v (B, Hkv, T, hd) -> everything cached so far (B, Hkv, S, hd)
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_heads, self.n_kv = layer_idx, cfg.num_heads, cfg.num_kv_heads
+        hd = cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, D), mask (B, 1, T, S) bool
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.n_kv)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.n_kv)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
+        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(attention_mask, T: int):
+    """Causal & key-padding boolean mask (B, 1, T, S) for the last T of S positions (earlier ones are cached)."""
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=attention_mask.device)[None]  # (1, S)
+    mask = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]  # (B, T, S)
+    # a padding query would attend to nothing and SDPA would return NaN, which then leaks through 0 * NaN
+    # in later layers; letting every query see itself keeps pad outputs finite (they are never used)
+    return (mask | (k_pos == q_pos))[:, None]
+
+
+# ----------------------------------------------------------------------------- the video LMM
+
+class VideoLLM(nn.Module):
+    """forward(input_ids, attention_mask, videos, cache) -> final-norm hidden states (B, T, D).
+
+    Heads are separate calls so each stage pays only for what it uses: `logits(h)`, `values(h)` and
+    `reward(...)`. `torch.compile(model)` works for training forwards (no cache); `generate` stays eager.
+    """
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        lc = cfg.llm
+        self.vision = CLIPVision(cfg.vision)
+        self.projector = nn.Sequential(  # LLaVA mlp2x_gelu (SPEC 2)
+            nn.Linear(cfg.vision.hidden_size, lc.hidden_size), nn.GELU(), nn.Linear(lc.hidden_size, lc.hidden_size))
+        self.llm = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(lc.vocab_size, lc.hidden_size),
+            layers=nn.ModuleList(LlamaLayer(lc, i) for i in range(lc.num_layers)),
+            norm=RMSNorm(lc.hidden_size, lc.rms_norm_eps)))
+        self.lm_head = nn.Linear(lc.hidden_size, lc.vocab_size, bias=False)
+        if cfg.kind != "policy":
+            self.score_head = nn.Linear(lc.hidden_size, 1)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        if lc.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        if cfg.kind != "policy":
+            self.init_score_head(zero=cfg.kind == "value")
+
+    @staticmethod
+    def _init_weights(m):  # GPT-2/LLaMA style small init; only matters when training from scratch
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def from_hf(*args, **kwargs) -> "VideoLLM":
+        """Build from local Hugging Face folders; see the module-level `from_hf` at the end of this file."""
+        return from_hf(*args, **kwargs)
+
+    def init_score_head(self, zero: bool):
+        """Reward head: small normal weight, zero bias (SPEC 3). Value head: all zeros, so the value model
+        starts from the RM's features but predicts 0 everywhere (SPEC 3)."""
+        if zero:
+            nn.init.zeros_(self.score_head.weight)
+        else:  # AlpacaFarm / LLaVA-RLHF reward-head init
+            nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(self.cfg.llm.hidden_size + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def encode_video(self, videos):  # (B, F, 3, H, W) normalised pixels -> (B, F + P, D)
+        B = videos.shape[0]
+        feats = self.vision(rearrange(videos, "b f c h w -> (b f) c h w"))  # (B*F, P, Dv)
+        x = rearrange(self.projector(feats), "(b f) p d -> b f p d", b=B)  # project every frame, THEN pool (SPEC 5)
+        temporal = x.mean(dim=2)  # (B, F, D): one token per frame
+        spatial = x.mean(dim=1)  # (B, P, D): one token per patch position
+        return torch.cat([temporal, spatial], dim=1)  # temporal first (SPEC 2)
+
+    def embed(self, input_ids, videos=None):
+        """Token embeddings with the video placeholders replaced by video tokens, in order.
+        `videos` holds one video per row that has placeholders, in batch order."""
+        x = self.llm.embed_tokens(input_ids)  # (B, T, D)
+        if videos is None:
+            return x
+        is_video = input_ids == self.cfg.video_token_id  # (B, T)
+        if not torch.compiler.is_compiling():  # the check syncs with the device; skip it in compiled graphs
+            n, want = int(is_video.sum()), videos.shape[0] * self.cfg.n_video_tokens
+            if n != want:
+                raise ValueError(f"{n} video placeholder tokens in input_ids, but {videos.shape[0]} videos "
+                                 f"need {want} ({self.cfg.n_video_tokens} each)")
+        return x.masked_scatter(is_video[..., None], self.encode_video(videos).to(x.dtype))
+
+    def forward(self, input_ids, attention_mask, videos=None, cache: KVCache | None = None):
+        """input_ids (B, T); attention_mask (B, S) covers cached + new tokens (S = cache.length + T).
+        Left and right padding both work: positions come from the mask. Returns hidden (B, T, D)."""
+        T = input_ids.shape[1]
+        x = self.embed(input_ids, videos)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+        cos, sin = rope_cos_sin(position_ids, x.shape[-1] // self.cfg.llm.num_heads, self.cfg.llm.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, T)
+        for layer in self.llm.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.llm.norm(x)
+
+    def logits(self, hidden):  # (B, T, D) -> (B, T, V)
+        """lm_head, with <video> and PAD made impossible: both are input-only. A sampled <video> would be
+        spliced as video on the PPO recompute (and break the placeholder count); a sampled PAD would read as
+        the end of the response. Masking here, not in generate, keeps sampling and recomputed logprobs equal.
+        -1e9 rather than -inf: exp gives exactly 0 but p * log p stays 0 (an entropy with -inf gives NaN)."""
+        banned = torch.tensor([self.cfg.video_token_id, self.cfg.pad_token_id], device=hidden.device)
+        return self.lm_head(hidden).index_fill(-1, banned, -1e9)
+
+    def values(self, hidden):  # (B, T, D) -> (B, T)
+        return self.score_head(hidden).squeeze(-1)
+
+    def reward(self, input_ids, attention_mask, videos=None):  # -> (B,)
+        """Score at each row's LAST REAL token (last index where attention_mask == 1), whatever the padding
+        side; the reference reads the last slot of a fixed-length tensor instead (SPEC 5)."""
+        values = self.values(self(input_ids, attention_mask, videos))  # (B, T)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (attention_mask.long() * positions).argmax(-1)  # (B,)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, videos=None, max_new_tokens=64, temperature=1.0, top_p=1.0,
+                 generator: torch.Generator | None = None):
+        """Sample from LEFT-padded prompts with a KV cache. Returns responses (B, N) and their logprobs (B, N),
+        N <= max_new_tokens (stops once every row emitted EOS); after a row's EOS: pad tokens, logprob 0.
+
+        temperature 0 = greedy. logprobs are log_softmax(logits / T) of the chosen token (T = 1 when greedy),
+        exactly what a full forward recomputes with the same scaling (SPEC 5). top_p filtering is NOT
+        reflected in them: PPO samples with top_p = 1 (SPEC 3), where the two agree.
+        """
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs LEFT-padded prompts: the last column must be real tokens")
+        B, T = input_ids.shape
+        cfg, w = self.cfg, self.lm_head.weight
+        cache = KVCache(cfg.llm, B, T + max_new_tokens, w.device, w.dtype)
+        hidden = self(input_ids, attention_mask, videos, cache)[:, -1]  # (B, D) at every row's last prompt token
+        scale = temperature if temperature > 0 else 1.0
+        done = torch.zeros(B, dtype=torch.bool, device=w.device)
+        tokens, logprobs = [], []
+        for _ in range(max_new_tokens):
+            logp = F.log_softmax(self.logits(hidden).float() / scale, dim=-1)  # (B, V)
+            tok = logp.argmax(-1) if temperature == 0 else sample_top_p(logp.exp(), top_p, generator)
+            tok_logp = logp.gather(1, tok[:, None]).squeeze(1)
+            tokens.append(tok.masked_fill(done, cfg.pad_token_id))
+            logprobs.append(tok_logp.masked_fill(done, 0.0))
+            done = done | (tok == cfg.eos_token_id)
+            if bool(done.all()):
+                break
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            hidden = self(tokens[-1][:, None], attention_mask, cache=cache)[:, -1]
+        return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p."""
+    if top_p < 1.0:
+        p, idx = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # mass BEFORE a token already enough: drop it
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- LoRA (by hand)
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * x A^T B^T with the base frozen. B starts at zero: output unchanged at init."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and peft use
+        self.scaling = alpha / r
+        self.enabled = True
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return y
+
+    def merged_weight(self):
+        return self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model: VideoLLM, r: int, alpha: float, targets=LORA_TARGETS):
+    """Wrap matching Linears of model.llm with LoRA and freeze every other weight except the score head
+    (reward / value models train their new head together with the adapters, SPEC 3)."""
+    model.requires_grad_(False)
+    if hasattr(model, "score_head"):
+        model.score_head.requires_grad_(True)
+    for module in list(model.llm.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha))
+    return model
+
+
+def merge_lora(model: nn.Module):
+    """Fold every adapter into its base weight and put the plain nn.Linear back."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight.copy_(child.merged_weight())
+                setattr(module, name, child.base)
+    return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Adapters off inside the block: the policy becomes its frozen base = the PPO reference model."""
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in loras:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in loras:
+            m.enabled = True
+
+
+# ----------------------------------------------------------------------------- our checkpoint format
+
+def plain_state_dict(model: VideoLLM) -> dict:
+    """State dict with LoRA folded in (checkpoints are always plain models) and the tied lm_head left out
+    (safetensors refuses tensors that share memory; load re-ties)."""
+    sd = model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{name}.weight"] = m.merged_weight().detach()
+            for k in ("base.weight", "lora_A", "lora_B"):
+                del sd[f"{name}.{k}"]
+            if m.base.bias is not None:
+                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
+    if model.cfg.llm.tie_word_embeddings:
+        del sd["lm_head.weight"]
+    return sd
+
+
+def _load_checked(model: VideoLLM, sd: dict, source: str, prefixes=("",)):
+    """Copy `sd` into `model`, raising a ValueError naming `source` on unknown keys, shape mismatches, or
+    model weights under `prefixes` that `sd` lacks."""
+    own = {k: v for k, v in model.state_dict().items()
+           if not (model.cfg.llm.tie_word_embeddings and k == "lm_head.weight")}
+    problems = [f"unexpected key {k}" for k in sorted(set(sd) - set(own))]
+    problems += [f"missing key {k}" for k in sorted(own) if k.startswith(prefixes) and k not in sd]
+    problems += [f"{k}: shape {tuple(sd[k].shape)} in file, model expects {tuple(own[k].shape)}"
+                 for k in sorted(sd) if k in own and sd[k].shape != own[k].shape]
+    if problems:
+        raise ValueError(f"cannot load {source}: " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    model.load_state_dict(sd, strict=False)
+
+
+def save_pretrained(model: VideoLLM, path: str, extra_config: dict | None = None):
+    """Write model.safetensors + config.json into `path` (kept: other files, e.g. the caller's tokenizer).
+    Each file is written under a temporary name then os.replace'd, so a crash never leaves a torn file;
+    weights go first, so a config.json always describes complete weights."""
+    os.makedirs(path, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in plain_state_dict(model).items()}
+    save_file(weights, os.path.join(path, "model.safetensors.tmp"))
+    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump({**model.cfg.to_dict(), "extra": extra_config or {}}, f, indent=2)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+def load_config(path: str) -> tuple[VLMConfig, dict]:
+    """(VLMConfig, extra_config dict) of one of our checkpoints."""
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    extra = d.pop("extra", {})
+    return VLMConfig.from_dict(d), extra
+
+
+def load_pretrained(path: str, kind: str | None = None) -> VideoLLM:
+    cfg, _ = load_config(path)
+    if kind is not None and cfg.kind != kind:
+        raise ValueError(f"{path} holds a '{cfg.kind}' model, but a '{kind}' model was expected")
+    model = VideoLLM(cfg)
+    file = os.path.join(path, "model.safetensors")
+    _load_checked(model, load_file(file), file)
+    return model
+
+
+# ----------------------------------------------------------------------------- Hugging Face / LLaVA loading
+
+def map_hf_key(key: str) -> str | None:
+    """HF / LLaVA parameter name -> ours (None: not ours, e.g. CLIP's text tower or rotary inv_freq)."""
+    renames = [("model.mm_projector.", "projector."),  # LLaVA: mm_projector.0 / .2 = Linear, GELU, Linear
+               ("model.vision_tower.vision_tower.vision_model.", "vision."),  # LLaVA with the tower inside
+               ("vision_model.", "vision."),  # CLIPVisionModel / CLIPModel
+               ("model.", "llm."), ("lm_head.", "lm_head.")]  # LlamaForCausalLM
+    if key.endswith(("rotary_emb.inv_freq", "position_ids")):
+        return None
+    for old, new in renames:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def read_hf_weights(path: str, prefixes: tuple, key_map=map_hf_key) -> dict:
+    """Tensors of a HF folder (single or sharded safetensors, else pytorch_model.bin) or of one weight file,
+    renamed to ours and kept only if the new name starts with one of `prefixes`. safetensors are read
+    lazily, so e.g. fetching the projector from a 7B LLaVA checkpoint loads only the projector."""
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.exists(index := os.path.join(path, "model.safetensors.index.json")) or \
+            os.path.exists(index := os.path.join(path, "pytorch_model.bin.index.json")):
+        with open(index) as f:
+            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = [os.path.join(path, "model.safetensors")]
+    else:
+        files = [os.path.join(path, "pytorch_model.bin")]
+    sd = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            with safe_open(file, "pt") as f:
+                names = {k: key_map(k) for k in f.keys()}
+                sd.update({new: f.get_tensor(k) for k, new in names.items() if new and new.startswith(prefixes)})
+        else:
+            for k, v in torch.load(file, map_location="cpu", weights_only=True).items():
+                if (new := key_map(k)) and new.startswith(prefixes):
+                    sd[new] = v
+    return sd
+
+
+def load_hf_llama(path: str) -> tuple[LLMConfig, dict]:
+    """A local LlamaForCausalLM (or LLaVA-LLaMA) folder -> (LLMConfig, {llm.* / lm_head.*: tensor})."""
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{path}: RoPE scaling {rope} is not supported (plain RoPE only)")
+    if c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]) * c["num_attention_heads"] != c["hidden_size"]:
+        raise ValueError(f"{path}: head_dim * num_attention_heads != hidden_size is not supported")
+    if c.get("attention_bias") or c.get("mlp_bias") or c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: only bias-free SiLU LLaMA is supported")
+    cfg = LLMConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                    num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                    intermediate_size=c["intermediate_size"], rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                    rms_norm_eps=c["rms_norm_eps"], max_position_embeddings=c["max_position_embeddings"],
+                    tie_word_embeddings=c.get("tie_word_embeddings", False))
+    sd = read_hf_weights(path, ("llm.", "lm_head."))
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd
+
+
+def load_hf_clip_vision(path: str, select_layer: int = -2) -> tuple[VisionConfig, dict]:
+    """A local CLIPVisionModel or CLIPModel folder -> (VisionConfig, {vision.*: tensor}); the layers after
+    select_layer and post_layernorm are dropped, as we never run them."""
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    c = c.get("vision_config", c)  # CLIPModel nests the vision tower's config
+    if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise ValueError(f"{path}: only quick_gelu CLIP towers are supported")
+    cfg = VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
+                       num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                       intermediate_size=c["intermediate_size"], layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+                       select_layer=select_layer)
+    used = ("vision.embeddings.", "vision.pre_layrnorm.",
+            *(f"vision.encoder.layers.{i}." for i in range(cfg.layers_used)))
+    return cfg, read_hf_weights(path, used, _clip_key)
+
+
+def _clip_key(key: str) -> str | None:
+    # transformers >= 5 saves a CLIPVisionModel without the "vision_model." prefix that v4 and CLIPModel use
+    if key.startswith(("embeddings.", "pre_layrnorm.", "encoder.")):
+        key = "vision_model." + key
+    return map_hf_key(key)
+
+
+def from_hf(llm_path: str, vision_path: str | None = None, projector_path: str | None = None, *,
+            num_frames: int = 8, video_token_id: int = 4, pad_token_id: int = 3, eos_token_id: int = 2,
+            bos_token_id: int = 1, kind: str = "policy", select_layer: int = -2) -> VideoLLM:
+    """Assemble a VideoLLM from local HF parts. No vision_path: a random tiny CLIP (VisionConfig defaults).
+    Projector from projector_path (LLaVA mm_projector.bin or any file/folder with mm_projector keys), else
+    from llm_path if it is a full LLaVA checkpoint, else random. Token ids must match the caller's tokenizer."""
+    llm_cfg, llm_sd = load_hf_llama(llm_path)
+    vis_cfg, vis_sd = load_hf_clip_vision(vision_path, select_layer) if vision_path else (VisionConfig(select_layer=select_layer), {})
+    cfg = VLMConfig(vision=vis_cfg, llm=llm_cfg, num_frames=num_frames, video_token_id=video_token_id,
+                    pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id, kind=kind)
+    model = VideoLLM(cfg)
+    _load_checked(model, llm_sd, llm_path, prefixes=("llm.", "lm_head."))
+    if vis_sd:
+        _load_checked(model, vis_sd, vision_path, prefixes=("vision.",))
+    proj_source = projector_path or llm_path
+    proj_sd = read_hf_weights(proj_source, ("projector.",))
+    if proj_sd or projector_path:
+        _load_checked(model, proj_sd, proj_source, prefixes=("projector.",))
+    return model
+
+

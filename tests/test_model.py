@@ -1,0 +1,295 @@
+"""model.py against Hugging Face references and its own invariants. CPU, fp32, tiny random weights."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, load_hf_clip_vision,
+                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, save_pretrained)
+
+TOL = 1e-4
+# tiny tensors: OpenMP threads only add sync overhead (seen here: 25 s with 2 threads vs 4 s with 1)
+torch.set_num_threads(1)
+
+
+def tiny_cfg(kind="policy", tie=False, **llm) -> VLMConfig:
+    llm = dict(dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                    tie_word_embeddings=tie), **llm)
+    vision = VisionConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    return VLMConfig(vision=vision, llm=LLMConfig(**llm), num_frames=3, kind=kind)
+
+
+def tiny_model(seed=0, **kw) -> VideoLLM:
+    torch.manual_seed(seed)
+    return VideoLLM(tiny_cfg(**kw)).eval()
+
+
+def prompts_with_video(cfg: VLMConfig, lengths, seed=0, left=True):
+    """Rows `<bos> <video>*n text...` padded to a common length; returns input_ids, attention_mask, videos."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths) + 1 + cfg.n_video_tokens
+    ids = torch.full((len(lengths), T), cfg.pad_token_id)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        row = [cfg.bos_token_id] + [cfg.video_token_id] * cfg.n_video_tokens + torch.randint(5, cfg.llm.vocab_size, (n,), generator=g).tolist()
+        span = slice(T - len(row), T) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row), 1
+    videos = torch.randn(len(lengths), cfg.num_frames, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids, mask, videos
+
+
+# ----------------------------------------------------------------------------- against Hugging Face
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_matches_hf_with_gqa_and_left_padding(tmp_path, tie):
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1; perturb them so a norm-weight mapping bug would show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path)
+    ours = VideoLLM.from_hf(str(tmp_path)).eval()
+    assert ours.cfg.llm.rope_theta == 500.0 and ours.cfg.llm.tie_word_embeddings == tie
+    assert (ours.lm_head.weight is ours.llm.embed_tokens.weight) == tie
+
+    ids = torch.randint(5, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    ids[1, :4] = 3
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        got = ours.logits(ours(ids, mask))
+    real = mask.bool()
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[[ours.cfg.video_token_id, ours.cfg.pad_token_id]] = False  # input-only tokens, banned by our logits()
+    assert (got[real][:, keep] - ref[real][:, keep]).abs().max() < TOL
+    assert (got[..., ~keep] == -1e9).all()
+
+
+def test_clip_vision_matches_hf(tmp_path):
+    torch.manual_seed(0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=8)
+    pixels = torch.randn(2, 3, 16, 16)
+    hf_vision = CLIPVisionModel(CLIPVisionConfig(**vc)).eval()
+    hf_vision.save_pretrained(tmp_path / "vision")
+    full = CLIPModel(CLIPConfig(vision_config=vc, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                                   num_attention_heads=4))).eval()
+    full.save_pretrained(tmp_path / "clip")
+    for folder, hf_tower in [("vision", hf_vision), ("clip", full.vision_model)]:
+        cfg, sd = load_hf_clip_vision(str(tmp_path / folder))
+        assert cfg.num_layers == 3 and cfg.layers_used == 2
+        ours = VideoLLM(VLMConfig(vision=cfg)).vision.eval()
+        ours.load_state_dict({k.removeprefix("vision."): v for k, v in sd.items()})  # strict: all keys, nothing more
+        with torch.no_grad():
+            ref = hf_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+            assert (ours(pixels) - ref).abs().max() < TOL
+
+
+def test_llava_layout_maps_to_projector(tmp_path):
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4)).eval()
+    hf.save_pretrained(tmp_path / "llm")
+    proj = {"model.mm_projector.0.weight": torch.randn(32, 64), "model.mm_projector.0.bias": torch.randn(32),
+            "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32)}
+    torch.save(proj, tmp_path / "mm_projector.bin")
+    assert map_hf_key("model.mm_projector.2.bias") == "projector.2.bias"
+    assert map_hf_key("model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight") == "vision.pre_layrnorm.weight"
+    assert map_hf_key("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    model = VideoLLM.from_hf(str(tmp_path / "llm"), projector_path=str(tmp_path / "mm_projector.bin"))
+    assert torch.equal(model.projector[0].weight, proj["model.mm_projector.0.weight"])
+    assert torch.equal(model.projector[2].bias, proj["model.mm_projector.2.bias"])
+    # a full LLaVA checkpoint carries the projector next to the LLM weights
+    llava = {k: v for k, v in hf.state_dict().items()} | proj
+    os.makedirs(tmp_path / "llava")
+    save_file(llava, tmp_path / "llava" / "model.safetensors")
+    (tmp_path / "llava" / "config.json").write_text((tmp_path / "llm" / "config.json").read_text())
+    model = VideoLLM.from_hf(str(tmp_path / "llava"))
+    assert torch.equal(model.projector[2].weight, proj["model.mm_projector.2.weight"])
+    cfg, sd = load_hf_llama(str(tmp_path / "llava"))
+    assert all(k.startswith(("llm.", "lm_head.")) for k in sd)
+
+
+# ----------------------------------------------------------------------------- video tokens
+
+def test_pooling_after_projector_temporal_then_spatial():
+    model = tiny_model()
+    cfg = model.cfg
+    videos = torch.randn(2, cfg.num_frames, 3, 16, 16)
+    with torch.no_grad():
+        out, rev = model.encode_video(videos), model.encode_video(videos.flip(1))
+    assert out.shape == (2, cfg.n_video_tokens, cfg.llm.hidden_size)
+    F_ = cfg.num_frames
+    assert not torch.allclose(out[:, :F_], rev[:, :F_])  # temporal tokens follow frame order
+    assert torch.allclose(out[:, :F_].flip(1), rev[:, :F_], atol=1e-6)
+    assert torch.allclose(out[:, F_:], rev[:, F_:], atol=1e-6)  # spatial tokens are a mean over frames
+
+
+def test_video_splice_only_rows_with_video_and_count_checked():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [4, 6])
+    text_only = torch.randint(5, 64, (1, ids.shape[1]))
+    both = torch.cat([ids[:1], text_only, ids[1:]])
+    with torch.no_grad():
+        h = model(both, torch.cat([mask[:1], torch.ones_like(text_only), mask[1:]]), videos)
+        h_alone = model(ids[1:], mask[1:], videos[1:])
+        h_text = model(text_only, torch.ones_like(text_only))
+    assert torch.allclose(h[2], h_alone[0], atol=1e-5) and torch.allclose(h[1], h_text[0], atol=1e-5)
+    with pytest.raises(ValueError, match="video placeholder"):
+        model(ids, mask, videos[:1])
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_cached_greedy_equals_full_forward_greedy():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 7])
+    resp, logp = model.generate(ids, mask, videos, max_new_tokens=8, temperature=0)
+    seq, m = ids, mask
+    with torch.no_grad():
+        for j in range(resp.shape[1]):
+            logits = model.logits(model(seq, m, videos))[:, -1]
+            nxt = logits.argmax(-1)
+            assert torch.equal(nxt, resp[:, j])
+            assert torch.allclose(logp[:, j], F.log_softmax(logits, -1).gather(1, nxt[:, None]).squeeze(1), atol=TOL)
+            seq, m = torch.cat([seq, nxt[:, None]], 1), F.pad(m, (0, 1), value=1)
+
+
+def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [2, 5, 4])
+    out = [model.generate(ids, mask, videos, max_new_tokens=10, temperature=0.7, generator=torch.Generator().manual_seed(1))
+           for _ in range(2)]
+    (resp, logp), (resp2, logp2) = out
+    assert torch.equal(resp, resp2) and torch.equal(logp, logp2)
+    T = ids.shape[1]
+    with torch.no_grad():
+        h = model(torch.cat([ids, resp], 1), F.pad(mask, (0, resp.shape[1]), value=1), videos)
+    logits = model.logits(h)[:, T - 1:-1] / 0.7
+    ref = F.log_softmax(logits, -1).gather(2, resp[..., None]).squeeze(2)
+    alive = logp != 0  # after EOS the logprob is 0 by contract
+    assert (logp - ref)[alive].abs().max() < TOL
+
+
+def test_left_padding_does_not_change_output():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 9])
+    batch, batch_logp = model.generate(ids, mask, videos, max_new_tokens=6, temperature=0)
+    alone, alone_logp = model.generate(ids[:1, mask[0].argmax():], mask[:1, mask[0].argmax():], videos[:1],
+                                       max_new_tokens=6, temperature=0)
+    assert mask[0, 0] == 0  # row 0 really was padded
+    assert torch.equal(batch[0, :alone.shape[1]], alone[0])
+    assert torch.allclose(batch_logp[0, :alone.shape[1]], alone_logp[0], atol=TOL)
+
+
+def test_tokens_after_eos_are_pad():
+    model = tiny_model(seed=3)
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 5])
+    free, _ = model.generate(ids, mask, videos, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    model.cfg.eos_token_id = int(free[0, 2])  # make row 0 "emit EOS" by step 2
+    resp, logp = model.generate(ids, mask, videos, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    for row, lp in zip(resp, logp):
+        hits = (row == model.cfg.eos_token_id).nonzero()
+        if len(hits):
+            e = int(hits[0])
+            assert (row[e + 1:] == model.cfg.pad_token_id).all() and (lp[e + 1:] == 0).all() and lp[e] < 0
+    assert (resp[0] == model.cfg.eos_token_id).any()
+    with pytest.raises(ValueError, match="LEFT"):
+        model.generate(*prompts_with_video(model.cfg, [3, 5], left=False))
+
+
+# ----------------------------------------------------------------------------- reward / value heads
+
+def test_reward_reads_last_real_token_under_both_paddings():
+    model = tiny_model(kind="reward")
+    left = prompts_with_video(model.cfg, [3, 8], left=True)
+    right = prompts_with_video(model.cfg, [3, 8], left=False)
+    with torch.no_grad():
+        r_left, r_right = model.reward(*left), model.reward(*right)
+    assert r_left.shape == (2,) and torch.allclose(r_left, r_right, atol=1e-5)
+    assert r_left.abs().min() > 0  # reward head is not zero-initialised...
+    value = tiny_model(kind="value")
+    with torch.no_grad():  # ...but the value head is (SPEC 3)
+        assert torch.equal(value.values(value(*left)), torch.zeros(2, left[0].shape[1]))
+    assert not hasattr(tiny_model(), "score_head")
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_init_merge_disable_and_trainable_params():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 6])
+    with torch.no_grad():
+        base = model.logits(model(ids, mask, videos))
+    add_lora(model, r=4, alpha=8)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 7 * model.cfg.llm.num_layers
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    with torch.no_grad():
+        assert torch.allclose(model.logits(model(ids, mask, videos)), base, atol=1e-6)  # B = 0 at init
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.1)
+        tuned = model.logits(model(ids, mask, videos))
+        assert (tuned - base).abs().max() > 1e-3
+        with lora_disabled(model):
+            assert torch.allclose(model.logits(model(ids, mask, videos)), base, atol=1e-6)
+        merge_lora(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        assert torch.allclose(model.logits(model(ids, mask, videos)), tuned, atol=TOL)
+
+
+def test_gradient_checkpointing_same_grads():
+    model = tiny_model().train()
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 6])
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model.logits(model(ids, mask, videos)).square().mean().backward()
+        grads.append(model.llm.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert torch.allclose(*grads, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- our checkpoints
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip(tmp_path, tie):
+    model = tiny_model(kind="reward", tie=tie)
+    add_lora(model, r=2, alpha=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    save_pretrained(model, str(tmp_path), extra_config={"stage": "rm"})
+    assert json.loads((tmp_path / "config.json").read_text())["extra"] == {"stage": "rm"}
+    loaded = load_pretrained(str(tmp_path), kind="reward").eval()
+    assert (loaded.lm_head.weight is loaded.llm.embed_tokens.weight) == tie
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 6])
+    with torch.no_grad():
+        assert torch.allclose(loaded.reward(ids, mask, videos), model.reward(ids, mask, videos), atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds a 'reward' model, but a 'policy'"):
+        load_pretrained(str(tmp_path), kind="policy")
+
+
+def test_load_rejects_mismatched_shapes_naming_the_file(tmp_path):
+    save_pretrained(tiny_model(), str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["llm"]["intermediate_size"] = 40
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*gate_proj\.weight: shape \(48, 32\) in file"):
+        load_pretrained(str(tmp_path))
+
+
+def test_config_json_round_trip():
+    cfg = tiny_cfg(kind="value", tie=True)
+    assert VLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.n_video_tokens == 3 + 4
