@@ -114,7 +114,7 @@ def test_llava_layout_maps_to_projector(tmp_path):
     (tmp_path / "llava" / "config.json").write_text((tmp_path / "llm" / "config.json").read_text())
     model = VideoLLM.from_hf(str(tmp_path / "llava"))
     assert torch.equal(model.projector[2].weight, proj["model.mm_projector.2.weight"])
-    cfg, sd = load_hf_llama(str(tmp_path / "llava"))
+    _, sd = load_hf_llama(str(tmp_path / "llava"))
     assert all(k.startswith(("llm.", "lm_head.")) for k in sd)
 
 
@@ -177,6 +177,15 @@ def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
     ref = F.log_softmax(logits, -1).gather(2, resp[..., None]).squeeze(2)
     alive = logp != 0  # after EOS the logprob is 0 by contract
     assert (logp - ref)[alive].abs().max() < TOL
+
+
+def test_tiny_top_p_is_greedy():
+    model = tiny_model()
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 5])
+    greedy, _ = model.generate(ids, mask, videos, max_new_tokens=5, temperature=0)
+    nucleus, _ = model.generate(ids, mask, videos, max_new_tokens=5, temperature=1.0, top_p=1e-6,
+                                generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, nucleus)
 
 
 def test_left_padding_does_not_change_output():
