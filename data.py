@@ -1,0 +1,577 @@
+"""Data layer: the synthetic video world, video reading, file formats, tokenizer and chat template.
+
+Shared by every stage. `python data.py --out data/shapes` generates the built-in world: short videos of
+coloured shapes that move and appear or leave, with every fact known, split the way the paper's data is
+(SPEC section 3): scarce supervised video QA (`sft`), more videos with questions and descriptions but no
+answers (`rl`), a held-out `eval` split, and an abundant text-only corpus from scenes never rendered.
+"""
+import argparse
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- the synthetic world
+SHAPES = ["circle", "square", "triangle", "cross"]
+COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 80, 30),  # BGR for OpenCV
+           "yellow": (30, 220, 230), "white": (235, 235, 235)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+NUMBERS = ["zero", "one", "two", "three"]
+BACKGROUND = (50, 50, 50)
+QTYPES = ["colour", "shape", "count", "direction", "order", "exists", "describe"]
+SHORT_QTYPES = QTYPES[:-1]  # one-word or one-phrase answers; "describe" is the long-answer type
+# Several phrasings per type: training sees them all, and the consistency benchmark pairs two of them.
+QUESTIONS = {
+    "colour": ["What colour is the {shape}?", "Which colour does the {shape} have?"],
+    "shape": ["What shape is the {colour} object?", "Which shape does the {colour} object have?"],
+    "count": ["How many objects are in the video?", "How many objects appear in the video?"],
+    "direction": ["In which direction does the {obj} move?", "Where does the {obj} move to?"],
+    "order": ["Which object {event} first, the {a} or the {b}?", "What {event} first: the {a} or the {b}?"],
+    "exists": ["Is there a {obj} in the video?", "Does a {obj} appear in the video?"],
+    "describe": ["Describe the video in detail.", "What happens in the video? Describe it in detail."],
+}
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    direction: str
+    x: float  # centre at frame 0, pixels
+    y: float
+    radius: int
+    speed: float  # pixels per frame
+    appear: int  # first frame the object is visible
+    leave: int  # first frame it is gone (== n_frames when it stays)
+
+    @property
+    def name(self):
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass
+class Scene:
+    id: str
+    n_frames: int
+    size: int
+    objects: list = field(default_factory=list)
+
+
+def sample_scene(rng, id, size=48, frames=(8, 16), p_event=0.7):
+    """1-3 objects with distinct shapes and colours (so 'the circle' names one object), each moving in a
+    direction or still, never overlapping (a hidden object would make the description wrong); with
+    probability p_event one object appears or leaves midway (an order event)."""
+    n_frames = rng.randint(*frames)
+    n_obj = rng.randint(1, 3)
+    shapes, colours = rng.sample(SHAPES, n_obj), rng.sample(list(COLOURS), n_obj)
+    for attempt in range(10**6):  # rejection sampling until no two objects ever touch
+        if attempt % 50 == 0:  # positions first; directions only when they leave no room (less bias)
+            directions = [rng.choice(list(DIRECTIONS)) for _ in range(n_obj)]
+        objects = []
+        for shape, colour, direction in zip(shapes, colours, directions):
+            radius = rng.randint(size // 10, size // 7)
+            travel = rng.uniform(0.3, 0.45) * size if direction != "still" else 0.0  # visible motion
+            dx, dy = DIRECTIONS[direction]
+            lo, hi = radius + 1, size - radius - 2
+            # choose the start so the object stays inside the frame for the whole clip
+            x = rng.uniform(lo - min(dx, 0) * travel, hi - max(dx, 0) * travel)
+            y = rng.uniform(lo - min(dy, 0) * travel, hi - max(dy, 0) * travel)
+            objects.append(Obj(shape, colour, direction, x, y, radius, travel / (n_frames - 1), 0, n_frames))
+        if all(_apart(a, b, n_frames) for i, a in enumerate(objects) for b in objects[i + 1:]):
+            break
+    if n_obj >= 2 and rng.random() < p_event:
+        o, t = rng.choice(objects), rng.randint(n_frames // 3, 2 * n_frames // 3)
+        if rng.random() < 0.5:
+            o.appear = t
+        else:
+            o.leave = t
+    return Scene(id, n_frames, size, objects)
+
+
+def _position(o, t):
+    dx, dy = DIRECTIONS[o.direction]
+    return o.x + dx * o.speed * t, o.y + dy * o.speed * t
+
+
+def _apart(a, b, n_frames):
+    t = np.arange(n_frames)
+    return bool((np.hypot(*np.subtract(_position(a, t), _position(b, t))) > 1.2 * (a.radius + b.radius) + 1).all())
+
+
+def render(scene):
+    """Frames (n_frames, size, size, 3) uint8 BGR. Shapes are drawn at 4x and downsampled (anti-aliasing)."""
+    s, k = scene.size, 4
+    frames = []
+    for t in range(scene.n_frames):
+        img = np.full((s * k, s * k, 3), BACKGROUND, np.uint8)
+        for o in scene.objects:
+            if not o.appear <= t < o.leave:
+                continue
+            (cx, cy), r, c = np.multiply(_position(o, t), k), o.radius * k, COLOURS[o.colour]
+            if o.shape == "circle":
+                cv2.circle(img, (int(cx), int(cy)), r, c, -1)
+            elif o.shape == "square":
+                cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), c, -1)
+            elif o.shape == "triangle":
+                pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)
+                cv2.fillPoly(img, [pts], c)
+            else:  # cross
+                w = r // 3
+                cv2.rectangle(img, (int(cx - r), int(cy - w)), (int(cx + r), int(cy + w)), c, -1)
+                cv2.rectangle(img, (int(cx - w), int(cy - r)), (int(cx + w), int(cy + r)), c, -1)
+        frames.append(cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA))
+    return np.stack(frames)
+
+
+def write_video(path, frames, fps=4):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])
+    for f in frames:
+        writer.write(f)
+    writer.release()
+
+
+def describe(scene):
+    """The detailed description of a scene: the paper's 'context' (SPEC section 1), in a fixed grammar that
+    `description_slots` parses back for slot-level scoring."""
+    objs = sorted(scene.objects, key=lambda o: o.appear)
+    n = len(objs)
+    out = [f"The video shows {NUMBERS[n]} object{'s' if n > 1 else ''}."]
+    for o in objs:
+        motion = "stays still" if o.direction == "still" else f"moves {o.direction}"
+        out.append(f"Later, a {o.name} appears and {motion}." if o.appear > 0 else f"A {o.name} {motion}.")
+        if o.leave < scene.n_frames:
+            out.append(f"Then the {o.name} leaves.")
+    return " ".join(out)
+
+
+_OBJ = rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+
+
+def description_slots(text):
+    """The set of facts a description states: count, objects, their motion, appear/leave events."""
+    text, slots = text.lower(), set()
+    m = re.search(r"shows (\w+) object", text)
+    if m:
+        slots.add(("count", m.group(1)))
+    for c, s in re.findall(_OBJ, text):
+        slots.add(("object", f"{c} {s}"))
+    for c, s, d in re.findall(_OBJ + r" (?:appears and )?(?:moves (\w+)|stays still)", text):
+        slots.add(("motion", f"{c} {s}", d or "still"))
+    for c, s in re.findall(r"a " + _OBJ + r" appears", text):
+        slots.add(("appears", f"{c} {s}"))
+    for c, s in re.findall(_OBJ + r" leaves", text):
+        slots.add(("leaves", f"{c} {s}"))
+    return slots
+
+
+def questions(scene, rng):
+    """Every question the scene answers: list of (type, question, answer, paraphrase)."""
+    out = []
+
+    def add(qtype, answer, **slots):
+        q1, q2 = QUESTIONS[qtype]
+        out.append((qtype, q1.format(**slots), answer, q2.format(**slots)))
+
+    n = scene.n_frames
+    for o in scene.objects:
+        add("colour", o.colour, shape=o.shape)
+        add("shape", o.shape, colour=o.colour)
+        add("direction", o.direction, obj=o.name)
+    add("count", NUMBERS[len(scene.objects)])
+    for o in scene.objects:  # order: the event object against each other object
+        if o.appear > 0 or o.leave < n:
+            event, first = ("appears", None) if o.appear > 0 else ("leaves", o)
+            for other in scene.objects:
+                if other is not o:
+                    a, b = rng.sample([o, other], 2)  # mention order random: the prior stays at 50%
+                    add("order", f"the {(first or other).name}", event=event, a=a.name, b=b.name)
+    present = {o.name for o in scene.objects}
+    absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+    add("exists", "yes", obj=rng.choice(sorted(present)))
+    # a hard negative shares a colour or a shape with an object in the scene
+    hard = [a for a in absent if any(a.split()[0] == o.colour or a.split()[1] == o.shape for o in scene.objects)]
+    add("exists", "no", obj=rng.choice(hard or absent))
+    add("describe", describe(scene))
+    return out
+
+
+def perturb(qtype, answer, rng):
+    """A wrong answer of the same type, for the text-only judging corpus."""
+    if qtype == "describe":
+        return rng.choice([re.sub(r"moves (\w+)|stays still", lambda m: rng.choice(
+            [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]), answer),
+            re.sub(_OBJ, lambda m: f"{rng.choice(list(COLOURS))} {m.group(2)}", answer, count=1),
+            re.sub(r"shows (\w+) object", lambda m: f"shows {rng.choice(NUMBERS[1:])} object", answer)])
+    pools = {"colour": list(COLOURS), "shape": SHAPES, "direction": list(DIRECTIONS), "count": NUMBERS[1:],
+             "exists": ["yes", "no"], "order": [f"the {c} {s}" for c in COLOURS for s in SHAPES]}
+    return rng.choice([a for a in pools[qtype] if a != answer])
+
+
+# ----------------------------------------------------------------------------- chat template (SPEC 2)
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VIDEO = "<video>"
+CRITERIA = "Which answer is more accurate, grounded in the video, helpful and concise? Reply A or B."
+
+
+def judge_prompt(question, answer_a, answer_b, context=None, video=True):
+    """The judging question (SPEC 1: context-aware feedback). Shared by the text corpus and make_prefs.py so
+    the judge is asked exactly what it learned to answer."""
+    parts = [VIDEO] if video else []
+    if context is not None:
+        parts.append(f"Description of the video: {context}")
+    parts += [f"Question: {question}", f"Answer A: {answer_a}", f"Answer B: {answer_b}", CRITERIA]
+    return "\n".join(parts)
+
+
+def read_prompt(context, question):
+    """Reading comprehension: answer a question from a description (text-only corpus)."""
+    return f"Description of the video: {context}\n{question}"
+
+
+def encode(tok, turns, n_video_tokens, max_len=None):
+    """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...]; assistant may be None
+    for a generation prompt. Labels are -100 except on assistant tokens and their EOS (SPEC 2). The single
+    <video> placeholder becomes n_video_tokens copies of the video token, filled in by the model.
+    Truncation policy: answers are cut from the end to fit max_len (keeping EOS); a prompt that does not
+    fit is an error."""
+    ids, labels = [tok.bos_token_id], [-100]
+    text = SYSTEM + " "
+    for i, (user, assistant) in enumerate(turns):
+        user = user.replace("<image>", VIDEO)
+        text += f"USER: {user} ASSISTANT:"
+        prompt = tok(text, add_special_tokens=False).input_ids
+        ids, labels, text = ids + prompt, labels + [-100] * len(prompt), ""
+        if assistant is not None:
+            answer = tok(" " + assistant, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            ids, labels = ids + answer, labels + answer
+    vid = tok.convert_tokens_to_ids(VIDEO)
+    n_placeholders = ids.count(vid)
+    if n_placeholders > 1:
+        raise ValueError(f"expected at most one {VIDEO} placeholder per conversation, found {n_placeholders}")
+    if n_placeholders:
+        i = ids.index(vid)
+        ids = ids[:i] + [vid] * n_video_tokens + ids[i + 1:]
+        labels = labels[:i] + [-100] * n_video_tokens + labels[i + 1:]
+    if max_len is not None and len(ids) > max_len:
+        prompt_len = next((i for i, l in enumerate(labels) if l != -100), len(ids))
+        if prompt_len >= max_len:
+            raise ValueError(f"prompt of {prompt_len} tokens does not fit max_len={max_len}")
+        ids, labels = ids[:max_len - 1] + [tok.eos_token_id], labels[:max_len - 1] + [tok.eos_token_id]
+    return ids, labels
+
+
+def pad(seqs, value, left=False):
+    """(B, T) tensor of lists padded to the longest; left padding for generation prompts (SPEC 5)."""
+    T = max(len(s) for s in seqs)
+    rows = [[value] * (T - len(s)) + s if left else s + [value] * (T - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def train_tokenizer(texts, out_dir, vocab_size=512):
+    """Byte-level BPE trained on the world's text, saved as a Hugging Face tokenizer folder. PAD differs
+    from EOS (SPEC 5: otherwise EOS is masked out of the loss and the model never learns to stop)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>", VIDEO]  # ids 0-4, matching model.VLMConfig defaults
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=[VIDEO])
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def load_tokenizer(path):
+    """Any local Hugging Face tokenizer folder; adds <video> and a PAD distinct from EOS when missing
+    (a LLaMA tokenizer has neither), so callers must size embeddings with len(tok)."""
+    from transformers import AutoTokenizer
+    if not Path(path, "tokenizer_config.json").exists() and not Path(path, "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    if VIDEO not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [VIDEO]})
+    return tok
+
+
+# ----------------------------------------------------------------------------- videos
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _read_frames(path, num_frames):
+    """num_frames RGB uint8 frames sampled uniformly from a video file, a folder of frame images or a list of
+    frame files (the reference code's layout)."""
+    if isinstance(path, (list, tuple)):
+        files = [Path(f) for f in path]
+        path = files[0].parent if files else Path("<empty frame list>")
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: video not found")
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS) if path.is_dir() else None
+    if files is not None:
+        if not files:
+            raise ValueError(f"{path}: frame folder has no images ({', '.join(IMAGE_EXTS)})")
+        idx = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
+        frames = [cv2.imread(str(files[i])) for i in idx]
+        bad = [str(files[i]) for i, f in zip(idx, frames) if f is None]
+        if bad:
+            raise ValueError(f"{bad[0]}: unreadable image")
+    else:
+        cap = cv2.VideoCapture(str(path))
+        raw = []
+        while True:  # decode everything: frame counts in container headers are unreliable
+            ok, f = cap.read()
+            if not ok:
+                break
+            raw.append(f)
+        cap.release()
+        if not raw:
+            raise ValueError(f"{path}: unreadable or zero-frame video")
+        frames = [raw[i] for i in np.linspace(0, len(raw) - 1, num_frames).round().astype(int)]
+    return [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames]
+
+
+def load_video(path, num_frames=8, size=32):
+    """(num_frames, 3, size, size) float tensor: frames sampled uniformly, padded to square with the CLIP mean
+    colour (as the reference does), resized and normalised with CLIP mean/std."""
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    out = []
+    for f in _read_frames(path, num_frames):
+        h, w = f.shape[:2]
+        s = max(h, w)
+        sq = np.empty((s, s, 3), np.uint8)
+        sq[:] = (mean * 255).round().astype(np.uint8)
+        sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = f
+        f = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_CUBIC)
+        out.append((f.astype(np.float32) / 255 - mean) / std)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- file formats (SPEC 4)
+def read_records(path):
+    """A JSON list or a JSONL file -> list of (line_number, dict). Errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return [(0, r) for r in items]  # a JSON list has no per-record line; 0 marks "whole file"
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
+        out.append((n, r))
+    return out
+
+
+def _need(path, n, r, keys, what):
+    missing = [k for k in keys if k not in r or r[k] is None]
+    if missing:
+        raise ValueError(f"{path}:{n}: {what} record lacks {', '.join(map(repr, missing))}; has {sorted(r)}")
+
+
+def _video_path(r, root):
+    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under root."""
+    v = r.get("video") or r.get("images")
+    if v is None:
+        return None
+    return [str(Path(root, f)) for f in v] if isinstance(v, list) else str(Path(root, v))
+
+
+def read_conversations(path, video_root=None):
+    """LLaVA-style records {id, video|images, conversations: [{from: human|gpt, value}, ...]} ->
+    dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}."""
+    root = video_root or Path(path).parent
+    out = []
+    for n, r in read_records(path):
+        _need(path, n, r, ["conversations"], "conversation")
+        conv = r["conversations"]
+        roles = [c.get("from") for c in conv] if isinstance(conv, list) else None
+        if not roles or len(roles) % 2 or roles != ["human", "gpt"] * (len(roles) // 2):
+            raise ValueError(f"{path}:{n}: expected conversations alternating human/gpt turns, got {roles}")
+        if any(not isinstance(c.get("value"), str) or not c["value"].strip() for c in conv):
+            raise ValueError(f"{path}:{n}: every turn needs a non-empty string 'value'")
+        turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+        video = _video_path(r, root)
+        has_tag = any(t in turns[0][0] for t in (VIDEO, "<image>"))
+        if video and not has_tag:  # LLaVA puts the placeholder in the first human turn; add it if absent
+            turns[0] = (f"{VIDEO}\n{turns[0][0]}", turns[0][1])
+        elif has_tag and not video:
+            raise ValueError(f"{path}:{n}: turn has a {VIDEO} placeholder but the record has no 'video'")
+        extra = {k: v for k, v in r.items() if k not in ("conversations", "video", "images")}
+        out.append({**extra, "id": r.get("id", f"{Path(path).stem}-{n}"), "video": video, "turns": turns})
+    return out
+
+
+def read_prompts(path, video_root=None):
+    """RL prompts {id, video, question, [description]} (no answers)."""
+    root = video_root or Path(path).parent
+    out = []
+    for n, r in read_records(path):
+        _need(path, n, r, ["id", "video", "question"], "prompt")
+        out.append({**r, "video": str(Path(root, r["video"]))})
+    return out
+
+
+def read_prefs(path, video_root=None):
+    """Preference pairs: our fields {id, video, question, answer_1, answer_2, preference} or the reference's
+    {conversations, output_1: {value}, output_2: {value}, preference: 1|2}. -> our fields."""
+    root = video_root or Path(path).parent
+    out = []
+    for n, r in read_records(path):
+        if "output_1" in r:  # reference layout
+            _need(path, n, r, ["conversations", "output_2", "preference"], "reference preference")
+            r = {**r, "question": r["conversations"][0]["value"].replace(VIDEO, "").replace("<image>", "").strip(),
+                 "answer_1": r["output_1"]["value"], "answer_2": r["output_2"]["value"]}
+        _need(path, n, r, ["question", "answer_1", "answer_2", "preference"], "preference")
+        if r["preference"] not in (1, 2):
+            raise ValueError(f"{path}:{n}: preference must be 1 or 2, got {r['preference']!r}")
+        if r.get("video") is None and not r.get("images"):
+            raise ValueError(f"{path}:{n}: preference record lacks 'video' (or 'images'); has {sorted(r)}")
+        out.append({**r, "video": _video_path(r, root)})
+    return out
+
+
+def read_benchmark(path):
+    """Video-ChatGPT benchmark (generic/temporal: Q, A, video_name; consistency: Q1, Q2, A, video_name) or
+    zero-shot QA (video_name, question_id, question, answer) -> list of dicts as in the file."""
+    out = []
+    for n, r in read_records(path):
+        if "Q1" in r:
+            _need(path, n, r, ["Q1", "Q2", "A", "video_name"], "consistency QA")
+        elif "Q" in r:
+            _need(path, n, r, ["Q", "A", "video_name"], "Video-ChatGPT QA")
+        else:
+            _need(path, n, r, ["video_name", "question_id", "question", "answer"], "zero-shot QA")
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- world generation
+@dataclass
+class WorldArgs:
+    out: str = "data/shapes"  # output folder
+    seed: int = 0  # everything below is a deterministic function of the seed
+    n_sft: int = 300  # videos with answers: scarce, as in the paper (SPEC 3)
+    n_rl: int = 1200  # videos with questions and descriptions, no answers (the RLAIF prompts)
+    n_eval: int = 300  # held-out videos with answers
+    n_text: int = 4000  # scenes never rendered: the text-only corpus (language and judging skills)
+    size: int = 48  # frame width and height, pixels (48: room for 3 moving objects that never touch)
+    min_frames: int = 8
+    max_frames: int = 16
+    rl_questions: int = 2  # questions sampled per rl video
+    vocab_size: int = 512
+
+
+def _dump(path, rows):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def _json(path, obj):
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _conv(id, video, q, a, **extra):
+    user = f"{VIDEO}\n{q}" if video else q
+    return {"id": id, **({"video": video} if video else {}),
+            "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": a}], **extra}
+
+
+def generate_world(a: WorldArgs):
+    rng = random.Random(a.seed)
+    out = Path(a.out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    (out / "truth").mkdir(exist_ok=True)
+    (out / "benchmark").mkdir(exist_ok=True)
+    rows = {k: [] for k in ("sft", "rl", "eval", "text", "scenes", "rl_answers")}
+    bench = {"generic_qa": [], "temporal_qa": [], "consistency_qa": [], "zeroshot_qa": []}
+    frames = (a.min_frames, a.max_frames)
+    for split, n in (("sft", a.n_sft), ("rl", a.n_rl), ("eval", a.n_eval)):
+        for i in range(n):
+            scene = sample_scene(rng, f"{split}_{i:05d}", a.size, frames)
+            video = f"videos/{scene.id}.mp4"
+            write_video(out / video, render(scene))
+            rows["scenes"].append({**asdict(scene), "split": split, "description": describe(scene)})
+            qa = questions(scene, rng)
+            if split == "sft":  # every question, as supervised video QA
+                rows["sft"] += [_conv(f"{scene.id}-{j}", video, q, ans, type=t) for j, (t, q, ans, _) in enumerate(qa)]
+            elif split == "rl":  # questions and the description only; answers kept apart for measuring
+                for j, (t, q, ans, _) in enumerate(rng.sample(qa, min(a.rl_questions, len(qa)))):
+                    rows["rl"].append({"id": f"{scene.id}-{j}", "video": video, "question": q, "type": t,
+                                       "description": describe(scene)})
+                    rows["rl_answers"].append({"id": f"{scene.id}-{j}", "answer": ans, "type": t})
+            else:  # one question per type the scene has
+                by_type = {}
+                for item in qa:
+                    by_type.setdefault(item[0], []).append(item)
+                for t, items in by_type.items():
+                    t, q, ans, q2 = rng.choice(items)
+                    qid = f"{scene.id}-{t}"
+                    rows["eval"].append(_conv(qid, video, q, ans, type=t))
+                    name = Path(video).name
+                    bench["temporal_qa" if t in ("direction", "order") else "generic_qa"].append(
+                        {"Q": q, "A": ans, "video_name": name, "type": t})
+                    bench["consistency_qa"].append({"Q1": q, "Q2": q2, "A": ans, "video_name": name, "type": t})
+                    if t != "describe":
+                        bench["zeroshot_qa"].append({"video_name": name, "question_id": qid, "question": q,
+                                                     "answer": ans, "type": t})
+    for i in range(a.n_text):  # abundant text: read a description; judge two answers against it
+        scene = sample_scene(rng, f"text_{i:05d}", a.size, frames)
+        ctx = describe(scene)
+        t, q, ans, _ = rng.choice(questions(scene, rng))
+        rows["text"].append(_conv(f"{scene.id}-read", None, read_prompt(ctx, q), ans, type=f"read_{t}"))
+        wrong = perturb(t, ans, rng)
+        if wrong != ans:
+            first = rng.random() < 0.5  # the correct answer is A or B equally often: no position shortcut
+            prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=ctx, video=False)
+            rows["text"].append(_conv(f"{scene.id}-judge", None, prompt, "A" if first else "B", type="judge"))
+    for k in ("sft", "rl", "eval", "text"):
+        _dump(out / f"{k}.jsonl", rows[k])
+    _dump(out / "truth" / "scenes.jsonl", rows["scenes"])
+    _dump(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
+    for k, v in bench.items():
+        _json(out / "benchmark" / f"{k}.json", v)
+    texts = [SYSTEM, CRITERIA, judge_prompt("q", "a", "b", "c")] + [r["description"] for r in rows["scenes"]]
+    for k in ("sft", "eval", "text"):
+        texts += [c["value"] for r in rows[k] for c in r["conversations"]]
+    texts += [r["question"] for r in rows["rl"]]
+    train_tokenizer(texts, out / "tokenizer", a.vocab_size)
+    _json(out / "world.json", {**asdict(a), **{k: len(v) for k, v in rows.items()}})  # written last: complete
+    return {k: len(v) for k, v in rows.items()}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Generate the synthetic video world.")
+    for k, v in asdict(WorldArgs()).items():
+        p.add_argument(f"--{k}", type=type(v), default=v)
+    counts = generate_world(WorldArgs(**vars(p.parse_args())))
+    print("world:", ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -1,0 +1,196 @@
+"""The data layer: world generation, video reading, formats, tokenizer and template."""
+import dataclasses
+import filecmp
+import json
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    data.generate_world(data.WorldArgs(out=str(out), n_sft=6, n_rl=4, n_eval=4, n_text=40, vocab_size=400))
+    return out
+
+
+def test_world_is_deterministic(world, tmp_path):
+    data.generate_world(data.WorldArgs(out=str(tmp_path), n_sft=6, n_rl=4, n_eval=4, n_text=40, vocab_size=400))
+    for f in ["sft.jsonl", "rl.jsonl", "eval.jsonl", "text.jsonl", "truth/scenes.jsonl", "benchmark/generic_qa.json",
+              "tokenizer/tokenizer.json"]:
+        assert filecmp.cmp(world / f, tmp_path / f, shallow=False), f
+    a = data.load_video(world / "videos/sft_00000.mp4")
+    assert torch.equal(a, data.load_video(tmp_path / "videos/sft_00000.mp4"))
+
+
+def test_splits_keep_answers_apart(world):
+    rl = [r for _, r in data.read_records(world / "rl.jsonl")]
+    assert rl and all("answer" not in r and "conversations" not in r for r in rl)  # no oracle in RL prompts
+    answers = {r["id"] for _, r in data.read_records(world / "truth/rl_answers.jsonl")}
+    assert answers == {r["id"] for r in rl}
+    videos = {s: {r["video"] for r in data.read_conversations(world / f"{s}.jsonl")} for s in ("sft", "eval")}
+    assert not videos["sft"] & videos["eval"]
+    text = data.read_conversations(world / "text.jsonl")
+    assert all(r["video"] is None for r in text) and {"judge"} < {r["type"] for r in text}
+    for name in ("generic_qa", "temporal_qa", "consistency_qa", "zeroshot_qa"):
+        assert data.read_benchmark(world / "benchmark" / f"{name}.json")
+
+
+def test_written_video_reads_back(tmp_path):
+    scene = data.sample_scene(random.Random(1), "x", size=48, frames=(12, 12))
+    frames = data.render(scene)
+    data.write_video(tmp_path / "v.mp4", frames)
+    back = data._read_frames(tmp_path / "v.mp4", 12)  # RGB
+    assert len(back) == 12 and back[0].shape == (48, 48, 3)
+    err = np.abs(np.stack(back).astype(int) - frames[..., ::-1].astype(int)).mean()
+    assert err < 6, f"codec error {err}"
+    v = data.load_video(tmp_path / "v.mp4", num_frames=8, size=32)
+    assert v.shape == (8, 3, 32, 32) and v.dtype == torch.float32
+    # a frame folder and a list of frame files give the same frames
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), f)
+    a = data.load_video(folder, 8, 48)
+    b = data.load_video(sorted(str(p) for p in folder.iterdir()), 8, 48)
+    assert torch.equal(a, b)
+    assert (a - data.load_video(tmp_path / "v.mp4", 8, 48)).abs().mean() < 0.1
+
+
+def test_padding_to_square_uses_clip_mean(tmp_path):
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "0.png"), np.zeros((10, 40, 3), np.uint8))
+    v = data.load_video(folder, 1, 40)
+    assert abs(float(v[0, :, 0, 20].abs().max())) < 0.02  # top row is padding = mean colour -> ~0 after norm
+    assert float(v[0, 0, 20, 20]) < -1.5  # the black image itself
+
+
+def test_video_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        data.load_video(tmp_path / "missing.mp4")
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all" * 10)
+    with pytest.raises(ValueError, match="corrupt.mp4"):
+        data.load_video(tmp_path / "corrupt.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.mp4"):
+        data.load_video(tmp_path / "empty.mp4")
+    (tmp_path / "noframes").mkdir()
+    with pytest.raises(ValueError, match="noframes"):
+        data.load_video(tmp_path / "noframes")
+
+
+def test_malformed_records_name_file_and_line(tmp_path):
+    good = {"id": "a", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ"},
+                                                           {"from": "gpt", "value": "A"}]}
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
+        data.read_conversations(f)
+    f.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*lacks 'conversations'"):
+        data.read_conversations(f)
+    f.write_text(json.dumps({**good, "conversations": good["conversations"][::-1]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected conversations alternating"):
+        data.read_conversations(f)
+    f.write_text(json.dumps({"video": "v.mp4", "question": "q", "answer_1": "a", "answer_2": "b",
+                             "preference": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: preference must be 1 or 2"):
+        data.read_prefs(f)
+
+
+def test_formats_accept_reference_layouts(tmp_path):
+    f = tmp_path / "ref.json"  # a JSON list, <image> placeholder, frames given as `images`
+    f.write_text(json.dumps([{"id": "r", "images": ["fr/0.jpg", "fr/1.jpg"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "This."},
+        {"from": "human", "value": "And?"}, {"from": "gpt", "value": "That."}]}]))
+    (r,) = data.read_conversations(f)
+    assert r["video"] == [str(tmp_path / "fr/0.jpg"), str(tmp_path / "fr/1.jpg")]
+    assert r["turns"] == [("<image>\nWhat?", "This."), ("And?", "That.")]
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ?"}],
+                             "output_1": {"value": "x"}, "output_2": {"value": "y"}, "preference": 2}) + "\n")
+    (q,) = data.read_prefs(p)
+    assert (q["question"], q["answer_1"], q["answer_2"], q["preference"]) == ("Q?", "x", "y", 2)
+    assert q["video"] == str(tmp_path / "v.mp4")
+
+
+def test_loss_mask_is_assistant_tokens_and_eos(world):
+    tok = data.load_tokenizer(world / "tokenizer")
+    assert tok.pad_token_id != tok.eos_token_id
+    turns = [("<video>\nWhat colour is the circle?", "red"), ("And the square?", "blue square")]
+    ids, labels = data.encode(tok, turns, n_video_tokens=5)
+    vid = tok.convert_tokens_to_ids(data.VIDEO)
+    assert ids.count(vid) == 5 and ids[0] == tok.bos_token_id
+    kept = [i for i, l in zip(ids, labels) if l != -100]
+    assert tok.decode(kept) == " red</s> blue square</s>"
+    assert all(l in (-100, i) for i, l in zip(ids, labels))
+    full = tok.decode([i for i in ids if i != vid])
+    assert full == f"<s>{data.SYSTEM} USER: \nWhat colour is the circle? ASSISTANT: red</s>USER: And the square? " \
+                   f"ASSISTANT: blue square</s>"
+    prompt, _ = data.encode(tok, [("Q?", None)], 5)
+    assert tok.decode(prompt).endswith("USER: Q? ASSISTANT:")
+    ids, labels = data.encode(tok, [("Q?", "a b c d e f g h")], 5, max_len=len(prompt) + 3)
+    assert len(ids) == len(prompt) + 3 and ids[-1] == tok.eos_token_id == labels[-1]
+    with pytest.raises(ValueError, match="does not fit"):
+        data.encode(tok, [("Q?", "a")], 5, max_len=len(prompt) - 1)
+
+
+def test_descriptions_parse_back_to_the_scene():
+    rng = random.Random(3)
+    for i in range(50):
+        scene = data.sample_scene(rng, "x")
+        slots = data.description_slots(data.describe(scene))
+        assert ("count", data.NUMBERS[len(scene.objects)]) in slots
+        for o in scene.objects:
+            assert ("motion", o.name, o.direction) in slots
+            assert (("appears", o.name) in slots) == (o.appear > 0)
+            assert (("leaves", o.name) in slots) == (o.leave < scene.n_frames)
+
+
+def _reversed(scene):
+    """The same frames played backwards: every motion and every appear/leave event flips."""
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up", "still": "still"}
+    n = scene.n_frames
+    objs = []
+    for o in scene.objects:
+        x, y = data._position(o, n - 1)
+        objs.append(dataclasses.replace(o, direction=opposite[o.direction], x=x, y=y, appear=n - o.leave,
+                                        leave=n - o.appear))
+    return dataclasses.replace(scene, objects=objs)
+
+
+def test_motion_and_order_need_several_frames():
+    """A scene and its reversal consist of the same single frames, yet their direction and order answers
+    differ: no single frame can answer them."""
+    rng = random.Random(0)
+    checked = 0
+    for i in range(40):
+        scene = data.sample_scene(rng, "x")
+        back = _reversed(scene)
+        a, b = data.render(scene), data.render(back)
+        assert np.abs(a[::-1].astype(int) - b.astype(int)).max() <= 8  # same frames up to rounding
+        qa, qb = data.questions(scene, random.Random(1)), data.questions(back, random.Random(1))
+        for (t, q, x, _), (_, _, y, _) in zip(qa, qb):
+            if t == "direction" and x != "still" or t == "order":
+                assert x != y, (q, x, y)
+                checked += 1
+    assert checked > 20
+
+
+def test_questions_cover_every_type_and_order_is_balanced():
+    rng = random.Random(0)
+    seen, first = set(), []
+    for i in range(300):
+        scene = data.sample_scene(rng, "x")
+        for t, q, a, q2 in data.questions(scene, rng):
+            seen.add(t)
+            if t == "order":
+                first.append(a.removeprefix("the ") in q.split(", the ")[1].split(" or")[0])
+    assert seen == set(data.QTYPES)
+    assert 0.35 < np.mean(first) < 0.65  # the answer is not always the first-named object
