@@ -201,15 +201,24 @@ def questions(scene, rng):
     return out
 
 
-def perturb(qtype, answer, rng):
-    """A wrong answer of the same type, for the text-only judging corpus."""
+def perturb(qtype, question, answer, rng):
+    """A wrong answer of the same type, like the mistakes a model makes: another colour, direction, count,
+    the other object of an order question, or a description with one fact changed."""
+    if qtype == "order":
+        a, b = (f"the {c} {s}" for c, s in re.findall(_OBJ, question))
+        return b if answer == a else a
     if qtype == "describe":
-        return rng.choice([re.sub(r"moves (\w+)|stays still", lambda m: rng.choice(
-            [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]), answer),
-            re.sub(_OBJ, lambda m: f"{rng.choice(list(COLOURS))} {m.group(2)}", answer, count=1),
-            re.sub(r"shows (\w+) object", lambda m: f"shows {rng.choice(NUMBERS[1:])} object", answer)])
+        edits = [(r"moves (\w+)|stays still", lambda m: rng.choice([f"moves {d}" for d in DIRECTIONS if d != "still"]
+                                                                   + ["stays still"])),
+                 (_OBJ, lambda m: f"{rng.choice(list(COLOURS))} {m.group(2)}"),
+                 (r"shows (\w+) object", lambda m: f"shows {rng.choice(NUMBERS[1:])} object")]
+        while True:
+            pattern, edit = rng.choice(edits)
+            wrong = re.sub(pattern, edit, answer, count=1)
+            if wrong != answer:
+                return wrong
     pools = {"colour": list(COLOURS), "shape": SHAPES, "direction": list(DIRECTIONS), "count": NUMBERS[1:],
-             "exists": ["yes", "no"], "order": [f"the {c} {s}" for c in COLOURS for s in SHAPES]}
+             "exists": ["yes", "no"]}
     return rng.choice([a for a in pools[qtype] if a != answer])
 
 
@@ -220,12 +229,10 @@ VIDEO = "<video>"
 CRITERIA = "Which answer is more accurate, grounded in the video, helpful and concise? Reply A or B."
 
 
-def judge_prompt(question, answer_a, answer_b, context=None, video=True):
-    """The judging question (SPEC 1: context-aware feedback). Shared by the text corpus and make_prefs.py so
-    the judge is asked exactly what it learned to answer."""
-    parts = [VIDEO] if video else []
-    if context is not None:
-        parts.append(f"Description of the video: {context}")
+def judge_prompt(question, answer_a, answer_b, context=None):
+    """The judging question (SPEC 1: context-aware feedback), without the video placeholder (the conversation
+    adds it). Shared by the corpus and make_prefs.py so the judge is asked exactly what it learned to answer."""
+    parts = [] if context is None else [f"Description of the video: {context}"]
     parts += [f"Question: {question}", f"Answer A: {answer_a}", f"Answer B: {answer_b}", CRITERIA]
     return "\n".join(parts)
 
@@ -506,6 +513,16 @@ def _conv(id, video, q, a, **extra):
             "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": a}], **extra}
 
 
+def _judge_example(id, rng, qa, context, video):
+    """Compare a correct and a perturbed answer; the correct one is A or B equally often (no position
+    shortcut). Labels come from the scene's own truth: sft and text scenes only, never rl or eval."""
+    t, q, ans, _ = qa
+    wrong = perturb(t, q, ans, rng)
+    first = rng.random() < 0.5
+    prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=context)
+    return _conv(id, video, prompt, "A" if first else "B", type="judge" if context else "judge_nocontext")
+
+
 def generate_world(a: WorldArgs):
     rng = random.Random(a.seed)
     out = Path(a.out)
@@ -522,8 +539,11 @@ def generate_world(a: WorldArgs):
             write_video(out / video, render(scene))
             rows["scenes"].append({**asdict(scene), "split": split, "description": describe(scene)})
             qa = questions(scene, rng)
-            if split == "sft":  # every question, as supervised video QA
+            if split == "sft":  # every question, as supervised video QA, and judging with the video in view
                 rows["sft"] += [_conv(f"{scene.id}-{j}", video, q, ans, type=t) for j, (t, q, ans, _) in enumerate(qa)]
+                for context in (describe(scene), None):
+                    rows["sft"].append(_judge_example(f"{scene.id}-judge{'' if context else '_nocontext'}", rng,
+                                                      rng.choice(qa), context, video))
             elif split == "rl":  # questions and the description only; answers kept apart for measuring
                 for j, (t, q, ans, _) in enumerate(rng.sample(qa, min(a.rl_questions, len(qa)))):
                     rows["rl"].append({"id": f"{scene.id}-{j}", "video": video, "question": q, "type": t,
@@ -547,13 +567,10 @@ def generate_world(a: WorldArgs):
     for i in range(a.n_text):  # abundant text: read a description; judge two answers against it
         scene = sample_scene(rng, f"text_{i:05d}", a.size, frames)
         ctx = describe(scene)
-        t, q, ans, _ = rng.choice(questions(scene, rng))
+        qa = questions(scene, rng)
+        t, q, ans, _ = rng.choice(qa)
         rows["text"].append(_conv(f"{scene.id}-read", None, read_prompt(ctx, q), ans, type=f"read_{t}"))
-        wrong = perturb(t, ans, rng)
-        if wrong != ans:
-            first = rng.random() < 0.5  # the correct answer is A or B equally often: no position shortcut
-            prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=ctx, video=False)
-            rows["text"].append(_conv(f"{scene.id}-judge", None, prompt, "A" if first else "B", type="judge"))
+        rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
     for k in ("sft", "rl", "eval", "text"):
         _dump(out / f"{k}.jsonl", rows[k])
     _dump(out / "truth" / "scenes.jsonl", rows["scenes"])

@@ -402,6 +402,26 @@ def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def resize_vocab(model: VideoLLM, vocab_size: int):
+    """Grow embeddings (and an untied lm_head) to vocab_size, e.g. after adding <video> and <pad> to a LLaMA
+    tokenizer; new rows start at the mean of the old ones, so new tokens begin as an 'average' token."""
+    n = model.cfg.llm.vocab_size
+    if vocab_size <= n:
+        return model
+
+    def grow(w):  # (n, D) -> (vocab_size, D)
+        return torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - n, -1)])
+
+    model.llm.embed_tokens = nn.Embedding.from_pretrained(grow(model.llm.embed_tokens.weight.data), freeze=False)
+    if model.cfg.llm.tie_word_embeddings:
+        model.lm_head.weight = model.llm.embed_tokens.weight
+    else:
+        model.lm_head.weight = nn.Parameter(grow(model.lm_head.weight.data))
+        model.lm_head.out_features = vocab_size
+    model.cfg.llm.vocab_size = vocab_size
+    return model
+
+
 # ----------------------------------------------------------------------------- LoRA (by hand)
 
 class LoRALinear(nn.Module):

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, load_hf_clip_vision,
-                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, save_pretrained)
+                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, resize_vocab, save_pretrained)
 
 TOL = 1e-4
 # tiny tensors: OpenMP threads only add sync overhead (seen here: 25 s with 2 threads vs 4 s with 1)
@@ -302,3 +302,15 @@ def test_config_json_round_trip():
     cfg = tiny_cfg(kind="value", tie=True)
     assert VLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.n_video_tokens == 3 + 4
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_vocab_keeps_old_logits(tie):
+    m = tiny_model(tie=tie)
+    ids, mask, videos = prompts_with_video(m.cfg, [5, 3])
+    before = m.logits(m(ids, mask, videos))
+    resize_vocab(m, m.cfg.llm.vocab_size + 3)
+    after = m.logits(m(ids, mask, videos))
+    assert after.shape[-1] == before.shape[-1] + 3
+    assert torch.allclose(after[..., :before.shape[-1]], before)
+    assert (m.lm_head.weight is m.llm.embed_tokens.weight) == tie
