@@ -6,11 +6,12 @@ coloured shapes that move and appear or leave, with every fact known, split the 
 answers (`rl`), a held-out `eval` split, and an abundant text-only corpus from scenes never rendered.
 """
 import argparse
+import inspect
 import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -577,7 +578,9 @@ def generate_world(a: WorldArgs):
     _dump(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
     for k, v in bench.items():
         _json(out / "benchmark" / f"{k}.json", v)
-    texts = [SYSTEM, CRITERIA, judge_prompt("q", "a", "b", "c")] + [r["description"] for r in rows["scenes"]]
+    # the fixed template text is weighted as often as it is used, so BPE learns its words whole
+    texts = [SYSTEM, CRITERIA, "USER: ASSISTANT:", judge_prompt("q", "a", "b", "c")] * 1000
+    texts += [r["description"] for r in rows["scenes"]]
     for k in ("sft", "eval", "text"):
         texts += [c["value"] for r in rows[k] for c in r["conversations"]]
     texts += [r["question"] for r in rows["rl"]]
@@ -586,9 +589,19 @@ def generate_world(a: WorldArgs):
     return {k: len(v) for k, v in rows.items()}
 
 
+def parse_args(cls, argv=None, description=None):
+    """Command line -> the dataclass `cls`: one --flag per field, its comment as help; lists take several
+    values, booleans take true/false."""
+    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=description or cls.__doc__)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = dict(nargs="*", type=type(default[0]) if default else str) if isinstance(default, list) else \
+            dict(type=lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else dict(type=type(default))
+        p.add_argument(f"--{f.name}", default=default, help=comments.get(f.name), **kind)
+    return cls(**vars(p.parse_args(argv)))
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Generate the synthetic video world.")
-    for k, v in asdict(WorldArgs()).items():
-        p.add_argument(f"--{k}", type=type(v), default=v)
-    counts = generate_world(WorldArgs(**vars(p.parse_args())))
+    counts = generate_world(parse_args(WorldArgs, description="Generate the synthetic video world."))
     print("world:", ", ".join(f"{k} {v}" for k, v in counts.items()))

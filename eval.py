@@ -9,14 +9,13 @@ A 'prior' row answers the most frequent TRAINING answer of each question type, s
 
 Writes results.json (merged with any earlier run in --out), predictions_<name>.jsonl and config.json.
 """
-import argparse
 import json
 import os
 import re
 import string
 import time
 from collections import Counter
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from model import load_pretrained
 
 @dataclass
 class Args:
-    models: list[str]  # checkpoint folders (policy + tokenizer); "name=path" names a row, else the folder's name
+    models: list = field(default_factory=lambda: ["runs/tiny/sft/model"])  # checkpoints; "name=path" names a row
     data: str = "data/shapes/eval.jsonl"  # eval conversations with a `type` per record (data.py's eval split)
     prior_data: str = "data/shapes/sft.jsonl"  # the prior's answers come from TRAINING data: eval answers would leak
     out: str = "runs/eval"  # results.json, predictions_<name>.jsonl, config.json
@@ -117,11 +116,12 @@ def table(results):
 
 
 def model_name(spec):
-    """'name=path' -> (name, path); a bare path is named after its folder (runs/x/sft -> sft)."""
+    """'name=path' -> (name, path); a bare path is named after its run folder (runs/x/sft/model -> sft)."""
     name, sep, path = spec.partition("=")
     if sep and "/" not in name:
         return name, path
-    return Path(spec).name, spec
+    p = Path(spec)
+    return (p.parent.name if p.name == "model" else p.name), spec
 
 
 # ----------------------------------------------------------------------------- generation
@@ -215,16 +215,5 @@ def main(args):
     return merged
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(Args):
-        kw = {"required": True} if f.default is MISSING else {"default": f.default}
-        if f.type == list[str]:
-            p.add_argument(f"--{f.name}", nargs="+", **kw)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, **kw)
-    return Args(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(data.parse_args(Args, description=__doc__))

@@ -53,11 +53,12 @@ def test_model_name_merge_and_cli():
     assert ev.model_name("runs/x/sft") == ("sft", "runs/x/sft")
     assert ev.model_name("base=runs/x/sft/") == ("base", "runs/x/sft/")
     assert ev.model_name("runs/lr=1e-4/ppo") == ("ppo", "runs/lr=1e-4/ppo")
+    assert ev.model_name("runs/tiny/sft/model") == ("sft", "runs/tiny/sft/model")  # a stage's checkpoint
     old = ev.merge_results(None, {"a": 1, "b": 2}, {"t": 0})
     assert ev.merge_results(old, {"b": 3, "c": 4}, {"t": 0})["models"] == {"a": 1, "b": 3, "c": 4}
     with pytest.raises(ValueError, match="another --out"):
         ev.merge_results(old, {"c": 4}, {"t": 0.2})
-    args = ev.parse_args(["--models", "a", "b=c", "--temperature", "0.2", "--limit", "5"])
+    args = data.parse_args(ev.Args, ["--models", "a", "b=c", "--temperature", "0.2", "--limit", "5"])
     assert args.models == ["a", "b=c"] and args.temperature == 0.2 and args.limit == 5 and args.batch_size == 32
 
 

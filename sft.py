@@ -1,0 +1,223 @@
+"""Stage 1: supervised fine-tuning of the video LMM with the paper's curriculum (SPEC 3).
+
+Trains on LLaVA-style conversations (video QA and, for the built-in world, its text-only corpus) with the
+loss on assistant tokens only: first every short-answer example, then every long-answer one
+(difficulty = answer length). Writes a checkpoint folder that every later stage starts from.
+
+    python sft.py --out runs/tiny/sft                 # the built-in world, from scratch
+    python sft.py --out runs/tiny/sft --resume true   # continue an interrupted run
+"""
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import model as M
+
+
+@dataclass
+class Args:
+    train: list = field(default_factory=lambda: ["data/shapes/sft.jsonl", "data/shapes/text.jsonl"])  # conversation files
+    tokenizer: str = "data/shapes/tokenizer"  # HF tokenizer folder ("" = the one in the --init checkpoint)
+    video_root: str = ""  # folder that video paths are relative to ("" = each data file's folder)
+    out: str = "runs/tiny/sft"  # run folder: config.json, metrics.jsonl, model/ (the checkpoint)
+    init: str = ""  # "" = from scratch; one of our checkpoints; or a HF LLaMA / LLaVA folder
+    vision: str = ""  # HF CLIP folder, with a HF --init ("" = a random tiny tower)
+    projector: str = ""  # LLaVA mm_projector file or folder, with a HF --init ("" = from --init or random)
+    hidden: int = 128  # from-scratch LLM width (tiny default: ~1M parameters, minutes on 2 CPU cores)
+    layers: int = 4  # from-scratch LLM depth
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key/value heads (grouped-query attention)
+    vision_hidden: int = 64  # from-scratch CLIP width
+    vision_layers: int = 3  # from-scratch CLIP depth (the penultimate layer's output is used, SPEC 2)
+    image_size: int = 48  # frames are resized to this (the world renders 48x48; CLIP-L/14-336 uses 336)
+    patch: int = 12  # ViT patch size: (48 / 12)^2 = 16 spatial tokens
+    frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16)
+    long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
+    epochs_short: int = 3  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is tiny)
+    epochs_long: int = 3  # passes over the long-answer stage
+    replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
+    batch_size: int = 32  # examples per step
+    lr: float = 2e-3  # peak learning rate (SPEC 3: 1e-4 for LoRA on Vicuna; from scratch needs more)
+    warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of lr
+    grad_clip: float = 1.0  # max global gradient norm
+    lora_r: int = 0  # 0 = train every weight; SPEC 3 uses LoRA r=32 on a real LLM
+    lora_alpha: float = 32.0  # LoRA scaling numerator (SPEC 3: alpha = 32)
+    freeze_vision: bool = False  # the reference freezes CLIP; a from-scratch tower must learn
+    max_len: int = 256  # tokens per example; longer answers are truncated (data.encode)
+    save_every: int = 200  # steps between resume checkpoints
+    resume: bool = False  # continue from out/resume.pt if present
+    seed: int = 0  # data order and initialisation
+
+
+def build_model(a: Args, tok) -> M.VideoLLM:
+    """From scratch, from one of our checkpoints, or from Hugging Face parts (LLaMA + CLIP + projector)."""
+    ids = dict(video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    if not a.init:
+        vision = M.VisionConfig(image_size=a.image_size, patch_size=a.patch, hidden_size=a.vision_hidden,
+                                num_layers=a.vision_layers, num_heads=4, intermediate_size=4 * a.vision_hidden)
+        llm = M.LLMConfig(vocab_size=len(tok), hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                          num_kv_heads=a.kv_heads, intermediate_size=(8 * a.hidden // 3 + 7) // 8 * 8,
+                          max_position_embeddings=a.max_len)
+        return M.VideoLLM(M.VLMConfig(vision=vision, llm=llm, num_frames=a.frames, **ids))
+    if "llm" in json.load(open(os.path.join(a.init, "config.json"))):  # one of our checkpoints
+        m = M.load_pretrained(a.init, kind="policy")
+        found = {k: getattr(m.cfg, k) for k in ids}
+        if found != ids:
+            raise ValueError(f"tokenizer {a.tokenizer or a.init} does not match checkpoint {a.init}: "
+                             f"special token ids {ids} vs {found}")
+        return m
+    m = M.VideoLLM.from_hf(a.init, a.vision or None, a.projector or None, num_frames=a.frames, **ids)
+    return M.resize_vocab(m, len(tok))  # room for the added <video> / <pad> tokens
+
+
+def curriculum(answer_lens, long_answer_tokens, epochs_short, epochs_long, replay, batch_size, seed):
+    """The whole run as a list of batches (example indices): every short-answer example epochs_short times,
+    then every long-answer one epochs_long times (SPEC 3), shuffled within each epoch. Each long-answer
+    epoch also replays `replay` short-answer examples per long one: a tiny model trained from scratch on
+    long answers alone forgets to stop after short ones (measured: short-answer accuracy fell to 0).
+    Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
+    g = random.Random(seed)
+    short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens]
+    long = [i for i, n in enumerate(answer_lens) if n > long_answer_tokens]
+    batches = []
+    for stage, epochs in (("short", epochs_short), ("long", epochs_long)):
+        for _ in range(epochs):
+            idx = short if stage == "short" else long + g.sample(short, min(len(short), int(replay * len(long))))
+            perm = g.sample(idx, len(idx))
+            batches += [(stage, perm[i:i + batch_size]) for i in range(0, len(perm), batch_size)]
+    return batches
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sft_loss(model, ids, mask, labels, videos):
+    """Mean next-token cross-entropy over assistant tokens and EOS (labels != -100, SPEC 2). Logits are
+    computed only where there is a label: the prompt and video positions never reach the lm_head."""
+    hidden = model(ids, mask, videos)[:, :-1]  # (B, T-1, D): position t predicts token t+1
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != -100
+    return F.cross_entropy(model.logits(hidden[keep]).float(), targets[keep]), int(keep.sum())
+
+
+def main(a: Args):
+    torch.manual_seed(a.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(a.out, exist_ok=True)
+    json.dump(asdict(a), open(os.path.join(a.out, "config.json"), "w"), indent=2)
+    tok = data.load_tokenizer(a.tokenizer or a.init)
+    model = build_model(a, tok).to(device)
+    cfg = model.cfg
+    if a.freeze_vision:
+        model.vision.requires_grad_(False)
+    if a.lora_r:
+        M.add_lora(model, a.lora_r, a.lora_alpha)
+        model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
+
+    # 1. data: every conversation tokenized once, with its loss mask
+    examples = []
+    for path in a.train:
+        for r in data.read_conversations(path, a.video_root or None):
+            try:
+                ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, a.max_len)
+            except ValueError as e:
+                raise ValueError(f"{path}: record {r['id']}: {e}") from None
+            examples.append({"ids": ids, "labels": labels, "video": r["video"],
+                             "answer_len": sum(l != -100 for l in labels)})
+    videos = {}  # path -> (F, 3, H, W); the tiny world's videos all fit in memory
+
+    def load(path):
+        if path not in videos:
+            videos[path] = data.load_video(path, cfg.num_frames, cfg.vision.image_size)
+        return videos[path]
+
+    # 2. curriculum: short answers first, then long answers (SPEC 3)
+    batches = curriculum([e["answer_len"] for e in examples], a.long_answer_tokens, a.epochs_short,
+                         a.epochs_long, a.replay, a.batch_size, a.seed)
+    n_short = sum(stage == "short" for stage, _ in batches)
+    print(f"sft: {len(examples)} examples, {len(batches)} steps ({n_short} short-answer, "
+          f"{len(batches) - n_short} long-answer), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, resume_file, metrics_file = 0, os.path.join(a.out, "resume.pt"), os.path.join(a.out, "metrics.jsonl")
+    if a.resume and os.path.exists(resume_file):
+        state = torch.load(resume_file, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed from {resume_file} at step {step}")
+    # metrics of steps after the resume point would be written twice: drop them
+    kept = [l for l in open(metrics_file)] if a.resume and os.path.exists(metrics_file) else []
+    with open(metrics_file, "w") as f:
+        f.writelines(l for l in kept if json.loads(l)["step"] <= step)
+
+    # 3. train
+    model.train()
+    bar = tqdm(total=len(batches), initial=step, desc="sft", dynamic_ncols=True)
+    t0, n_tokens, stage_loss = time.time(), 0, []
+    while step < len(batches):
+        stage, idx = batches[step]
+        batch = [examples[i] for i in idx]
+        ids = data.pad([e["ids"] for e in batch], tok.pad_token_id).to(device)
+        labels = data.pad([e["labels"] for e in batch], -100).to(device)
+        mask = data.pad([[1] * len(e["ids"]) for e in batch], 0).to(device)
+        vids = [load(e["video"]) for e in batch if e["video"]]
+        vids = torch.stack(vids).to(device) if vids else None
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)
+        loss, n = sft_loss(model, ids, mask, labels, vids)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"sft: non-finite loss at step {step}; the last good state is {resume_file}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        opt.step()
+        step += 1
+        n_tokens += int(mask.sum())
+        stage_loss.append(loss.item())
+        rec = {"step": step, "stage": stage, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
+               "grad_norm": round(float(grad_norm), 4), "answer_tokens": n,
+               "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.update()
+        if step == n_short or step == len(batches):
+            bar.write(f"sft: stage {stage} done at step {step}, mean loss of its last 50 steps "
+                      f"{sum(stage_loss[-50:]) / len(stage_loss[-50:]):.4f}")
+        if step % a.save_every == 0 and step < len(batches):
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, resume_file + ".tmp")
+            os.replace(resume_file + ".tmp", resume_file)
+    bar.close()
+
+    # 4. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
+    final = os.path.join(a.out, "model")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    M.save_pretrained(model, tmp, extra_config={"stage": "sft"})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if os.path.exists(resume_file):
+        os.remove(resume_file)
+    print(f"sft: saved {final} ({step} steps, {time.time() - t0:.0f}s this session)")
+
+
+if __name__ == "__main__":
+    main(data.parse_args(Args, description=__doc__))
