@@ -8,9 +8,11 @@ answers (`rl`), a held-out `eval` split, and an abundant text-only corpus from s
 import argparse
 import inspect
 import json
+import math
 import os
 import random
 import re
+import string
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -171,6 +173,31 @@ def description_slots(text):
     return slots
 
 
+def normalize(text):
+    """SQuAD-style: lowercase, drop punctuation and articles, collapse spaces ("The red circle." == "red circle")."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def slot_f1(pred, truth):
+    """F1 between the fact sets two descriptions state: partial credit for a description that gets the
+    objects right and one direction wrong, where exact match would give 0."""
+    p, t = description_slots(pred), description_slots(truth)
+    if not p and not t:
+        return 1.0
+    hits = len(p & t)
+    if hits == 0:  # also covers one side empty
+        return 0.0
+    precision, recall = hits / len(p), hits / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_answer(qtype, pred, truth):
+    """Ground-truth score in [0, 1]: slot F1 for descriptions, exact match after normalisation otherwise.
+    For measuring only (eval, the oracle column of make_prefs): never a training signal."""
+    return slot_f1(pred, truth) if qtype == "describe" else float(normalize(pred) == normalize(truth))
+
+
 def questions(scene, rng):
     """Every question the scene answers: list of (type, question, answer, paraphrase)."""
     out = []
@@ -236,6 +263,17 @@ def judge_prompt(question, answer_a, answer_b, context=None):
     parts = [] if context is None else [f"Description of the video: {context}"]
     parts += [f"Question: {question}", f"Answer A: {answer_a}", f"Answer B: {answer_b}", CRITERIA]
     return "\n".join(parts)
+
+
+# SPEC 3: the RM reads the conversation followed by an evaluation request and is scored at its last token
+RM_PROMPT = "Please evaluate the quality of your last response: is it accurate, grounded in the video, helpful and concise?"
+
+
+def rm_suffix(tok):
+    """Token ids that follow an answer's EOS in every reward-model input: a user turn asking for the
+    evaluation, then "ASSISTANT:". Equal to data.encode(tok, [(q, a), (RM_PROMPT, None)]) after the answer,
+    so text answers (train_rm) and sampled token answers (ppo) reach the RM in exactly one form (SPEC 5)."""
+    return tok(f"USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids
 
 
 def read_prompt(context, question):
@@ -319,9 +357,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _read_frames(path, num_frames):
+def _read_frames(path, num_frames, span=(0.0, 1.0)):
     """num_frames RGB uint8 frames sampled uniformly from a video file, a folder of frame images or a list of
-    frame files (the reference code's layout)."""
+    frame files (the reference code's layout), within `span` (fractions of the video: a clip)."""
     if isinstance(path, (list, tuple)):
         files = [Path(f) for f in path]
         path = files[0].parent if files else Path("<empty frame list>")
@@ -333,7 +371,7 @@ def _read_frames(path, num_frames):
     if files is not None:
         if not files:
             raise ValueError(f"{path}: frame folder has no images ({', '.join(IMAGE_EXTS)})")
-        idx = np.linspace(0, len(files) - 1, num_frames).round().astype(int)
+        idx = _uniform(len(files), num_frames, span)
         frames = [cv2.imread(str(files[i])) for i in idx]
         bad = [str(files[i]) for i, f in zip(idx, frames) if f is None]
         if bad:
@@ -349,16 +387,22 @@ def _read_frames(path, num_frames):
         cap.release()
         if not raw:
             raise ValueError(f"{path}: unreadable or zero-frame video")
-        frames = [raw[i] for i in np.linspace(0, len(raw) - 1, num_frames).round().astype(int)]
+        frames = [raw[i] for i in _uniform(len(raw), num_frames, span)]
     return [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames]
 
 
-def load_video(path, num_frames=8, size=32):
-    """(num_frames, 3, size, size) float tensor: frames sampled uniformly, padded to square with the CLIP mean
-    colour (as the reference does), resized and normalised with CLIP mean/std."""
+def _uniform(n, k, span):
+    """k frame indices spread evenly over frames [span[0] * n, span[1] * n) of an n-frame video."""
+    first, last = int(span[0] * n), max(int(span[0] * n), math.ceil(span[1] * n) - 1)
+    return np.linspace(first, min(last, n - 1), k).round().astype(int)
+
+
+def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
+    """(num_frames, 3, size, size) float tensor: frames sampled uniformly (within span, for a clip), padded to
+    square with the CLIP mean colour (as the reference does), resized and normalised with CLIP mean/std."""
     mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
     out = []
-    for f in _read_frames(path, num_frames):
+    for f in _read_frames(path, num_frames, span):
         h, w = f.shape[:2]
         s = max(h, w)
         sq = np.empty((s, s, 3), np.uint8)
@@ -579,7 +623,7 @@ def generate_world(a: WorldArgs):
     for k, v in bench.items():
         _json(out / "benchmark" / f"{k}.json", v)
     # the fixed template text is weighted as often as it is used, so BPE learns its words whole
-    texts = [SYSTEM, CRITERIA, "USER: ASSISTANT:", judge_prompt("q", "a", "b", "c")] * 1000
+    texts = [SYSTEM, CRITERIA, RM_PROMPT, "USER: ASSISTANT:", judge_prompt("q", "a", "b", "c")] * 1000
     texts += [r["description"] for r in rows["scenes"]]
     for k in ("sft", "eval", "text"):
         texts += [c["value"] for r in rows[k] for c in r["conversations"]]

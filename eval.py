@@ -11,8 +11,6 @@ Writes results.json (merged with any earlier run in --out), predictions_<name>.j
 """
 import json
 import os
-import re
-import string
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,33 +38,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- scoring (pure)
-def normalize(text):
-    """SQuAD-style: lowercase, drop punctuation and articles, collapse spaces ("The red circle." == "red circle")."""
-    text = "".join(c for c in text.lower() if c not in string.punctuation)
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-
-def exact_match(pred, truth):
-    return float(normalize(pred) == normalize(truth))
-
-
-def slot_f1(pred, truth):
-    """F1 between the fact sets two descriptions state (data.description_slots): partial credit for a
-    description that gets the objects right and one direction wrong, where exact match would give 0."""
-    p, t = data.description_slots(pred), data.description_slots(truth)
-    if not p and not t:
-        return 1.0
-    hits = len(p & t)
-    if hits == 0:  # also covers one side empty
-        return 0.0
-    precision, recall = hits / len(p), hits / len(t)
-    return 2 * precision * recall / (precision + recall)
-
-
-def score(qtype, pred, truth):
-    return slot_f1(pred, truth) if qtype == "describe" else exact_match(pred, truth)
-
-
 def qtype_of(record):
     return record.get("type", "other")  # files without types (e.g. the reference's) score as one bucket
 
@@ -196,7 +167,7 @@ def main(args):
     # 3. score against the ground truth
     results, scores = {}, {}
     for name, preds in answers.items():
-        scores[name] = [score(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
+        scores[name] = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
         results[name] = summarize(qtypes, scores[name])
         print(f"{name}: accuracy {100 * results[name]['accuracy']:.1f}% "
               f"(micro {100 * results[name]['accuracy_micro']:.1f}%)")

@@ -539,13 +539,20 @@ def load_config(path: str) -> tuple[VLMConfig, dict]:
     return VLMConfig.from_dict(d), extra
 
 
-def load_pretrained(path: str, kind: str | None = None) -> VideoLLM:
+def load_pretrained(path: str, kind: str | None = None, new_head: str | None = None) -> VideoLLM:
+    """One of our checkpoints. kind: what it must hold ("policy", "reward", "value"), else a clear error.
+    new_head: build a "reward" or "value" model from its weights with a NEW score head instead (the RM starts
+    from the SFT policy; the value model from the RM with a zero head, SPEC 3)."""
     cfg, _ = load_config(path)
     if kind is not None and cfg.kind != kind:
         raise ValueError(f"{path} holds a '{cfg.kind}' model, but a '{kind}' model was expected")
-    model = VideoLLM(cfg)
     file = os.path.join(path, "model.safetensors")
-    _load_checked(model, load_file(file), file)
+    sd = load_file(file)
+    if new_head is not None:
+        cfg.kind = new_head
+        sd = {k: v for k, v in sd.items() if not k.startswith("score_head.")}
+    model = VideoLLM(cfg)
+    _load_checked(model, sd, file, prefixes=("vision.", "projector.", "llm.", "lm_head.") if new_head else ("",))
     return model
 
 

@@ -194,3 +194,21 @@ def test_questions_cover_every_type_and_order_is_balanced():
                 first.append(a.removeprefix("the ") in q.split(", the ")[1].split(" or")[0])
     assert seen == set(data.QTYPES)
     assert 0.35 < np.mean(first) < 0.65  # the answer is not always the first-named object
+
+
+def test_rm_suffix_matches_the_two_turn_encoding(world):
+    tok = data.load_tokenizer(world / "tokenizer")
+    two_turns, _ = data.encode(tok, [("<video>\nQ?", "red"), (data.RM_PROMPT, None)], 3)
+    answer, _ = data.encode(tok, [("<video>\nQ?", "red")], 3)
+    assert two_turns == answer + data.rm_suffix(tok)
+
+
+def test_clip_spans(tmp_path):
+    frames = np.stack([np.full((8, 8, 3), 10 * i, np.uint8) for i in range(12)])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), f)
+    values = lambda span: [int(f[0, 0, 0]) // 10 for f in data._read_frames(folder, 4, span)]
+    assert values((0, 1)) == [0, 4, 7, 11]
+    assert values((0, 1 / 3)) == [0, 1, 2, 3] and values((2 / 3, 1)) == [8, 9, 10, 11]

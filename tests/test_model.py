@@ -314,3 +314,18 @@ def test_resize_vocab_keeps_old_logits(tie):
     assert after.shape[-1] == before.shape[-1] + 3
     assert torch.allclose(after[..., :before.shape[-1]], before)
     assert (m.lm_head.weight is m.llm.embed_tokens.weight) == tie
+
+
+def test_new_head_keeps_the_body(tmp_path):
+    policy = tiny_model()
+    save_pretrained(policy, str(tmp_path / "p"))
+    rm = load_pretrained(str(tmp_path / "p"), kind="policy", new_head="reward")
+    assert rm.cfg.kind == "reward" and float(rm.score_head.bias) == 0.0 and rm.score_head.weight.abs().sum() > 0
+    ids, mask, videos = prompts_with_video(policy.cfg, [4, 2])
+    assert torch.equal(policy(ids, mask, videos), rm(ids, mask, videos))
+    save_pretrained(rm, str(tmp_path / "rm"))
+    value = load_pretrained(str(tmp_path / "rm"), kind="reward", new_head="value")
+    assert value.cfg.kind == "value" and value.score_head.weight.abs().sum() == 0  # zero head (SPEC 3)
+    assert torch.equal(value.values(value(ids, mask, videos)), torch.zeros(2, ids.shape[1]))
+    with pytest.raises(ValueError, match="'reward' model, but a 'policy'"):
+        load_pretrained(str(tmp_path / "rm"), kind="policy")
