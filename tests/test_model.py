@@ -320,7 +320,7 @@ def test_new_head_keeps_the_body(tmp_path):
     policy = tiny_model()
     save_pretrained(policy, str(tmp_path / "p"))
     rm = load_pretrained(str(tmp_path / "p"), kind="policy", new_head="reward")
-    assert rm.cfg.kind == "reward" and float(rm.score_head.bias) == 0.0 and rm.score_head.weight.abs().sum() > 0
+    assert rm.cfg.kind == "reward" and float(rm.score_head.bias.detach()) == 0.0 and rm.score_head.weight.abs().sum() > 0
     ids, mask, videos = prompts_with_video(policy.cfg, [4, 2])
     assert torch.equal(policy(ids, mask, videos), rm(ids, mask, videos))
     save_pretrained(rm, str(tmp_path / "rm"))
