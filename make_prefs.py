@@ -1,0 +1,314 @@
+"""Stage 2: context-aware AI preferences (SPEC 1, 3). The SFT model answers each RL prompt K times, then judges
+pairs of its own answers while reading a detailed description of the video (the context), asked in both
+orders so its position bias cancels. The labels train the reward model (train_rm.py).
+
+    python make_prefs.py --out runs/tiny/prefs_gt --context gt      # the world's descriptions as context
+    python make_prefs.py --out runs/tiny/prefs_self --context self  # the SFT model describes 3 clips itself
+    python make_prefs.py --out runs/tiny/prefs_none --context none  # no context (ablation)
+    python make_prefs.py --out runs/tiny/prefs_gt --resume true     # continue an interrupted run
+
+Writes prefs.jsonl (one line per pair), prefs_reference.json (the reference code's layout, SPEC 4),
+metrics.jsonl (one line per finished batch: the progress record for --resume), config.json, and, for
+MEASUREMENT only, oracle.jsonl (which answer the ground truth prefers) and summary.json.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+
+
+@dataclass
+class Args:
+    prompts: str = "data/shapes/rl.jsonl"  # RL prompts {id, video, question, type, description}; videos relative to it
+    sft: str = "runs/tiny/sft/model"  # the SFT checkpoint: samples the answers and describes the clips
+    judge: str = ""  # "" = the SFT model judges its own answers (SPEC 1); else another checkpoint
+    out: str = "runs/tiny/prefs_gt"  # run folder
+    context: str = "gt"  # gt = the prompt's description | self = the SFT model's clip descriptions | none
+    n_clips: int = 3  # self context: consecutive clips described and concatenated (SPEC 3: 3 worked best)
+    k: int = 2  # answers sampled per prompt, judged in consecutive pairs (0,1), (2,3), ... (SPEC 3: 2)
+    temperature: float = 1.0  # answer sampling temperature (SPEC 3: PPO samples at 1.0 too)
+    top_p: float = 1.0  # nucleus sampling for the answers
+    max_new_tokens: int = 64  # per answer and per clip description (a world description is ~40 tokens)
+    batch_size: int = 32  # prompts per batch; batch b is always prompts[b*B:(b+1)*B] (resume unit)
+    limit: int = 0  # only the first N prompts (0: all), for quick runs
+    truth: str = ""  # MEASUREMENT only: rl answers ("" = truth/rl_answers.jsonl next to --prompts)
+    resume: bool = False  # continue the run in --out (same arguments) instead of starting over
+    seed: int = 0  # batch b samples with a generator seeded from (seed, b): results do not depend on restarts
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def pairs_of(answers):
+    """Consecutive pairs (0,1), (2,3), ... of one prompt's K answers, dropping pairs whose normalised texts are
+    equal (no preference to learn). -> ([(pair_index, a1, a2), ...], n_dropped)."""
+    pairs = [(j, answers[2 * j], answers[2 * j + 1]) for j in range(len(answers) // 2)]
+    kept = [p for p in pairs if data.normalize(p[1]) != data.normalize(p[2])]
+    return kept, len(pairs) - len(kept)
+
+
+def clip_spans(n):
+    """n consecutive clips covering the video, as fractions (SPEC 3: the reference describes clips)."""
+    return [(i / n, (i + 1) / n) for i in range(n)]
+
+
+def two_way(logits, id_a, id_b):
+    """P(" A") from the judge's next-token logits, softmax over just the two answer tokens (..., V) -> (...)."""
+    return torch.softmax(logits[..., [id_a, id_b]].float(), dim=-1)[..., 0]
+
+
+def verdict(p_a_first, p_a_second):
+    """Both orders averaged to cancel position bias (SPEC 5). p_a_first = P(A) with answer_1 shown as A,
+    p_a_second = P(A) with answer_2 shown as A. p1 = P(answer_1 is better). -> (p1, preference, confidence)."""
+    p1 = (p_a_first + (1 - p_a_second)) / 2
+    return p1, 1 if p1 >= 0.5 else 2, max(p1, 1 - p1)
+
+
+def oracle_verdict(qtype, a1, a2, truth):
+    """MEASUREMENT only: the answer the ground truth scores higher (None on a tie). -> (1|2|None, s1, s2)."""
+    s1, s2 = data.score_answer(qtype, a1, truth), data.score_answer(qtype, a2, truth)
+    return (None if s1 == s2 else 1 if s1 > s2 else 2), s1, s2
+
+
+def to_reference(rec):
+    """One of our preference records -> the reference code's layout (SPEC 4)."""
+    return {"id": rec["id"], "video": rec["video"],
+            "conversations": [{"from": "human", "value": f"{data.VIDEO}\n{rec['question']}"}],
+            "output_1": {"value": rec["answer_1"]}, "output_2": {"value": rec["answer_2"]},
+            "preference": rec["preference"]}
+
+
+def summarize(prefs, oracle, metrics):
+    """Run statistics from the written files (so a resumed run counts every batch once)."""
+    n = len(prefs)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    out = {"n_prompts": sum(m["n_prompts"] for m in metrics), "n_pairs": n,
+           "n_dropped_identical": sum(m["n_dropped_identical"] for m in metrics),
+           "preference_1_rate": mean([p["preference"] == 1 for p in prefs]),
+           "mean_confidence": mean([p["confidence"] for p in prefs]),
+           # position bias: how often the two orders pick different answers, and the mean P(first shown)
+           "orders_disagree": mean([(p["p_a"][0] >= 0.5) != (p["p_a"][1] < 0.5) for p in prefs]),
+           "p_first_shown": mean([(p["p_a"][0] + p["p_a"][1]) / 2 for p in prefs]),
+           "seconds": round(sum(m["seconds"] for m in metrics), 1)}
+    if oracle is not None:
+        by_key = {(o["id"], o["pair"]): o["oracle"] for o in oracle}
+        judged = [(p["type"], p["preference"] == by_key[p["id"], p["pair"]]) for p in prefs
+                  if by_key[p["id"], p["pair"]] is not None]
+        out["oracle_verdicts"] = len(judged)
+        out["agreement"] = mean([ok for _, ok in judged])
+        out["agreement_by_type"] = {t: mean([ok for q, ok in judged if q == t])
+                                    for t in sorted({q for q, _ in judged}, key=str)}
+    return out
+
+
+# ----------------------------------------------------------------------------- model calls
+def check_tokenizer(tok, cfg, path):
+    """Prompts built with other special ids would splice the video at the wrong tokens and never stop."""
+    ids_tok = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(data.VIDEO))
+    ids_cfg = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.video_token_id)
+    if ids_tok != ids_cfg or len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"{path}: tokenizer (bos, eos, pad, video) = {ids_tok}, {len(tok)} tokens does not match "
+                         f"the model's {ids_cfg}, vocab {cfg.llm.vocab_size}")
+
+
+def answer_token_ids(tok, path):
+    """Ids of " A" and " B": the judge was trained to reply " A" or " B" then EOS (data.encode prepends the
+    space), so its verdict is in the logits of these two tokens at the first assistant position."""
+    ids = [tok(" A", add_special_tokens=False).input_ids, tok(" B", add_special_tokens=False).input_ids]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"{path}: the judge's answer tokens must be single tokens, but ' A' -> {ids[0]} and "
+                         f"' B' -> {ids[1]}; the verdict cannot be read from one next-token distribution")
+    return ids[0][0], ids[1][0]
+
+
+def left_padded(tok, users, n_video_tokens, device):
+    """One-turn generation prompts, LEFT-padded (SPEC 5): every row's last column is its last prompt token."""
+    prompts = [data.encode(tok, [(u, None)], n_video_tokens)[0] for u in users]
+    ids = data.pad(prompts, tok.pad_token_id, left=True)
+    mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: right whatever ids hold
+    return ids.to(device), mask.to(device)
+
+
+def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p, generator):
+    """Answer each user turn about its video; text up to the first EOS (an answer that hits max_new_tokens
+    without EOS is kept as it is)."""
+    ids, mask = left_padded(tok, users, model.cfg.n_video_tokens, videos.device)
+    resp, _ = model.generate(ids, mask, videos, max_new_tokens, temperature, top_p, generator)
+    eos = model.cfg.eos_token_id
+    return [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip() for r in resp.tolist()]
+
+
+def prob_a(judge, tok, users, videos, ab):
+    """P(" A") for each judging turn: one forward, the logits at the last prompt token (the first assistant
+    position), softmax over just " A" and " B" -> (N,)."""
+    ids, mask = left_padded(tok, users, judge.cfg.n_video_tokens, videos.device)
+    hidden = judge(ids, mask, videos)[:, -1]  # left-padded: the last column is every row's last real token
+    return two_way(judge.logits(hidden), *ab).cpu()
+
+
+# ----------------------------------------------------------------------------- files
+def append(path, rows):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_lines(path, keep=lambda r: True):
+    """Complete JSON lines of an append-only file (a torn last line, left by a crash, is skipped)."""
+    if not os.path.exists(path):
+        return []
+    return [r for line in open(path) if line.endswith("\n") and (r := json.loads(line)) and keep(r)]
+
+
+def write_atomic(path, text):
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def main(a: Args):
+    torch.manual_seed(a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {k: out / f"{k}.jsonl" for k in ("prefs", "oracle", "metrics")}
+    if a.context not in ("gt", "self", "none") or a.k < 2 or a.k % 2:
+        raise ValueError(f"--context must be gt|self|none (got {a.context!r}) and --k even >= 2 (got {a.k})")
+    config = {k: v for k, v in asdict(a).items() if k != "resume"}
+    if a.resume and (out / "config.json").exists():
+        old = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "resume"}
+        if old != config:
+            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+            raise ValueError(f"{out}: the run there used other arguments {diff} (old, new); resume with the same "
+                             "ones or use another --out")
+    write_atomic(out / "config.json", json.dumps(asdict(a), indent=1))
+
+    prompts = data.read_prompts(a.prompts)[:a.limit or None]
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{a.prompts}: prompt ids must be unique (they key pairs, the oracle and resume)")
+    if a.context == "gt" and (bad := next((p["id"] for p in prompts if not p.get("description")), None)):
+        raise ValueError(f"{a.prompts}: prompt {bad} has no 'description'; --context gt needs one per prompt")
+    truth_file = Path(a.truth or Path(a.prompts).parent / "truth" / "rl_answers.jsonl")
+    truth = {r["id"]: r for _, r in data.read_records(truth_file)} if truth_file.exists() else None
+    if truth is not None and (missing := [i for i in ids if i not in truth]):
+        raise ValueError(f"{truth_file}: no answer for prompt {missing[0]} (and {len(missing) - 1} more)")
+    root = Path(a.prompts).parent  # prefs keep video paths as rl.jsonl gives them: relative to the data file
+
+    policy = M.load_pretrained(a.sft, kind="policy").to(a.device).eval()
+    tok = data.load_tokenizer(a.sft)
+    check_tokenizer(tok, policy.cfg, a.sft)
+    judge, jtok = policy, tok
+    if a.judge:
+        judge, jtok = M.load_pretrained(a.judge, kind="policy").to(a.device).eval(), data.load_tokenizer(a.judge)
+        check_tokenizer(jtok, judge.cfg, a.judge)
+    ab = answer_token_ids(jtok, a.judge or a.sft)
+
+    # resume: a batch is done when its metrics line exists (written after its pairs); lines of other batches
+    # are what an interrupted batch left behind and are dropped, then that batch runs again from its seed
+    batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
+    done = {m["batch"] for m in read_lines(files["metrics"])} if a.resume else set()
+    kept_ids = {p["id"] for b in done for p in batches[b]}
+    for name, path in files.items():
+        keep = (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_lines(path, keep)))
+    print(f"make_prefs: {len(prompts)} prompts in {len(batches)} batches ({len(done)} done), K={a.k}, "
+          f"context={a.context}, judge={a.judge or a.sft}" + ("" if truth else f"; no {truth_file}: no oracle stats"))
+
+    frames = {}  # (path, num_frames, size, span) -> (F, 3, H, W); cleared every batch to bound memory
+
+    def video(path, cfg, span=(0.0, 1.0)):
+        key = (path, cfg.num_frames, cfg.vision.image_size, span)
+        if key not in frames:
+            frames[key] = data.load_video(path, cfg.num_frames, cfg.vision.image_size, span)
+        return frames[key]
+
+    # self context is computed once per video, for fixed chunks of videos (in order of first appearance), so a
+    # description never depends on which batch asked first: a resumed run describes exactly as a full one
+    order = {v: i for i, v in enumerate(dict.fromkeys(p["video"] for p in prompts))}
+    chunk = max(1, a.batch_size // a.n_clips)
+    contexts = {}
+
+    def describe(path):
+        if path not in contexts:
+            c = order[path] // chunk
+            paths = list(order)[c * chunk:(c + 1) * chunk]
+            clips = torch.stack([video(v, policy.cfg, s) for v in paths for s in clip_spans(a.n_clips)])
+            users = [f"{data.VIDEO}\n{data.QUESTIONS['describe'][0]}"] * len(clips)
+            texts = generate_texts(policy, tok, users, clips.to(a.device), a.max_new_tokens, 0.0, 1.0, None)
+            # joined with spaces: the judge learned to read whole-video descriptions ("The video shows ...");
+            # clip markers would be text it never saw
+            for i, v in enumerate(paths):
+                contexts[v] = " ".join(texts[i * a.n_clips:(i + 1) * a.n_clips])
+        return contexts[path]
+
+    bar = tqdm(total=len(batches), initial=len(done), desc="prefs", dynamic_ncols=True)
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            if b in done:
+                continue
+            t0 = time.time()
+            frames.clear()
+            gen = torch.Generator(a.device).manual_seed(a.seed * 1_000_003 + b)
+            # 1. sample K answers per prompt from the SFT policy
+            users = [f"{data.VIDEO}\n{p['question']}" for p in batch for _ in range(a.k)]
+            vids = torch.stack([video(p["video"], policy.cfg) for p in batch for _ in range(a.k)]).to(a.device)
+            texts = generate_texts(policy, tok, users, vids, a.max_new_tokens, a.temperature, a.top_p, gen)
+            pairs, n_dropped = [], 0
+            for i, p in enumerate(batch):
+                kept, n = pairs_of(texts[i * a.k:(i + 1) * a.k])
+                pairs += [(p, *pair) for pair in kept]
+                n_dropped += n
+            # 2. context: the world's description, the model's own clip descriptions, or none (ablation)
+            ctx = [None if a.context == "none" else p["description"] if a.context == "gt" else describe(p["video"])
+                   for p, *_ in pairs]
+            # 3. judge with context, in both orders: answer_1 shown as A, then answer_2 shown as A
+            p_a = torch.empty(0, 2)
+            if pairs:
+                users = [f"{data.VIDEO}\n" + data.judge_prompt(p["question"], *((a1, a2) if o == 0 else (a2, a1)), c)
+                         for (p, _, a1, a2), c in zip(pairs, ctx) for o in (0, 1)]
+                vids = torch.stack([video(p["video"], judge.cfg) for p, *_ in pairs for _ in (0, 1)]).to(a.device)
+                p_a = prob_a(judge, jtok, users, vids, ab).view(-1, 2)
+            rows, oracle = [], []
+            for (p, j, a1, a2), c, (pf, ps) in zip(pairs, ctx, p_a.tolist()):
+                p1, pref, conf = verdict(pf, ps)
+                rows.append({"id": p["id"], "pair": j, "video": os.path.relpath(p["video"], root),
+                             "question": p["question"], "type": p.get("type"), "answer_1": a1, "answer_2": a2,
+                             "preference": pref, "confidence": conf, "p1": p1, "p_a": [pf, ps],
+                             "context_mode": a.context, "context": c})
+                # 4. oracle, MEASUREMENT only: kept in its own file, never in prefs.jsonl
+                if truth is not None:
+                    t = truth[p["id"]]
+                    o, s1, s2 = oracle_verdict(t.get("type") or p.get("type"), a1, a2, t["answer"])
+                    oracle.append({"id": p["id"], "pair": j, "oracle": o, "score_1": s1, "score_2": s2})
+            # 5. append the batch's pairs, then its metrics line: the record that the batch is complete
+            append(files["prefs"], rows)
+            append(files["oracle"], oracle)
+            m = {"batch": b, "n_prompts": len(batch), "n_pairs": len(rows), "n_dropped_identical": n_dropped,
+                 "mean_confidence": round(sum(r["confidence"] for r in rows) / max(1, len(rows)), 4),
+                 "seconds": round(time.time() - t0, 2)}
+            append(files["metrics"], [m])
+            bar.set_postfix(pairs=len(rows), conf=f"{m['mean_confidence']:.3f}")
+            bar.update()
+    bar.close()
+
+    # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
+    prefs = read_lines(files["prefs"])
+    write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
+    s = summarize(prefs, read_lines(files["oracle"]) if truth is not None else None, read_lines(files["metrics"]))
+    write_atomic(out / "summary.json", json.dumps(s, indent=1))
+    agree = "no oracle" if truth is None or s["agreement"] is None else \
+        f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"
+    print(f"make_prefs: {s['n_pairs']} pairs from {s['n_prompts']} prompts ({s['n_dropped_identical']} identical "
+          f"dropped), mean confidence {s['mean_confidence'] or 0:.3f}, orders disagree "
+          f"{100 * (s['orders_disagree'] or 0):.1f}%, {agree}, {s['seconds']:.0f}s -> {files['prefs']}")
+    return s
+
+
+if __name__ == "__main__":
+    main(data.parse_args(Args, description=__doc__))

@@ -1,0 +1,187 @@
+"""make_prefs.py: verdicts from two-token probabilities averaged over both orders, pairing, the oracle kept apart,
+file formats, self context, and resume == an uninterrupted run."""
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import make_prefs as mp
+from model import LLMConfig, VideoLLM, VisionConfig, VLMConfig, save_pretrained
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny world (3 rl videos, 6 prompts) and a random policy checkpoint with the world's tokenizer."""
+    root = tmp_path_factory.mktemp("world")
+    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=4, n_rl=3, n_eval=2, n_text=20, vocab_size=400))
+    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision=VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
+                                        intermediate_size=64),
+                    llm=LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  intermediate_size=48),
+                    num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    save_pretrained(VideoLLM(cfg), str(root / "sft"))
+    tok.save_pretrained(str(root / "sft"))
+    return root
+
+
+def args(world, out, **kw):
+    return mp.Args(**{**dict(prompts=str(world / "shapes" / "rl.jsonl"), sft=str(world / "sft"), out=str(out),
+                             max_new_tokens=8, batch_size=2, device="cpu"), **kw})
+
+
+def lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def judging(user):
+    """(answer shown as A, answer shown as B) from a judging turn."""
+    m = re.search(r"Answer A: (.*)\nAnswer B: (.*)\n" + re.escape(data.CRITERIA) + "$", user, re.S)
+    return m.group(1), m.group(2)
+
+
+def test_two_way_softmax_reads_the_answer_logits():
+    logits = torch.full((2, 10), 5.0)  # other tokens are far more likely: they must not matter
+    logits[0, 3], logits[0, 7] = 1.0, -1.0
+    logits[1, 3], logits[1, 7] = 0.0, 0.0
+    p = mp.two_way(logits, 3, 7)
+    assert torch.allclose(p, torch.tensor([1 / (1 + torch.e ** -2), 0.5]))
+    assert mp.two_way(logits, 7, 3)[0] == pytest.approx(1 - p[0].item())
+
+
+def test_verdict_averages_both_orders():
+    assert mp.verdict(0.9, 0.9) == (pytest.approx(0.5), 1, pytest.approx(0.5))  # always "first": no information
+    assert mp.verdict(0.9, 0.1) == (pytest.approx(0.9), 1, pytest.approx(0.9))  # answer_1 in both orders
+    assert mp.verdict(0.2, 0.6) == (pytest.approx(0.3), 2, pytest.approx(0.7))
+
+
+def test_answer_tokens_must_be_single(world):
+    fake = lambda text, add_special_tokens: SimpleNamespace(input_ids=[5, 6] if text == " B" else [5])
+    with pytest.raises(ValueError, match=r"ckpt: .*single tokens.*' B' -> \[5, 6\]"):
+        mp.answer_token_ids(fake, "ckpt")
+    tok = data.load_tokenizer(str(world / "sft"))
+    a, b = mp.answer_token_ids(tok, "world")
+    ids, _ = data.encode(tok, [("Q?", "B")], 0)  # the judge's trained reply: " B" then EOS
+    assert a != b and ids[-2:] == [b, tok.eos_token_id]
+
+
+def test_pairs_clips_oracle_reference():
+    kept, dropped = mp.pairs_of(["The red.", "red", "blue", "green"])  # pair 0 equal after normalising
+    assert kept == [(1, "blue", "green")] and dropped == 1
+    assert mp.clip_spans(3) == [(0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1)]
+    assert mp.oracle_verdict("colour", "red", "blue", "blue") == (2, 0.0, 1.0)
+    assert mp.oracle_verdict("colour", "red", "green", "blue") == (None, 0.0, 0.0)
+    rec = {"id": "x", "pair": 0, "video": "videos/x.mp4", "question": "Q?", "answer_1": "a", "answer_2": "b",
+           "preference": 2, "confidence": 0.7}
+    assert mp.to_reference(rec) == {"id": "x", "video": "videos/x.mp4",
+                                    "conversations": [{"from": "human", "value": "<video>\nQ?"}],
+                                    "output_1": {"value": "a"}, "output_2": {"value": "b"}, "preference": 2}
+
+
+def test_summary_counts():
+    prefs = [{"id": "a", "pair": 0, "type": "colour", "preference": 1, "confidence": 0.9, "p_a": [0.9, 0.1]},
+             {"id": "b", "pair": 0, "type": "count", "preference": 1, "confidence": 0.5, "p_a": [0.9, 0.9]},
+             {"id": "c", "pair": 0, "type": "count", "preference": 2, "confidence": 0.6, "p_a": [0.4, 0.8]}]
+    oracle = [{"id": "a", "pair": 0, "oracle": 1}, {"id": "b", "pair": 0, "oracle": 2}, {"id": "c", "pair": 0, "oracle": None}]
+    metrics = [{"n_prompts": 2, "n_dropped_identical": 1, "seconds": 1.0}, {"n_prompts": 2, "n_dropped_identical": 0, "seconds": 2.0}]
+    s = mp.summarize(prefs, oracle, metrics)
+    assert s["n_prompts"] == 4 and s["n_pairs"] == 3 and s["n_dropped_identical"] == 1 and s["seconds"] == 3.0
+    assert s["oracle_verdicts"] == 2 and s["agreement"] == 0.5 and s["agreement_by_type"] == {"colour": 1.0, "count": 0.0}
+    assert s["orders_disagree"] == pytest.approx(1 / 3) and s["mean_confidence"] == pytest.approx(2 / 3)
+    assert "agreement" not in mp.summarize(prefs, None, metrics)
+
+
+def test_position_biased_judge_gives_no_confident_labels(world, tmp_path, monkeypatch):
+    """A judge that always prefers the first-shown answer with p=0.9: averaging both orders gives p1 = 0.5."""
+    monkeypatch.setattr(mp, "prob_a", lambda judge, tok, users, videos, ab: torch.full((len(users),), 0.9))
+    s = mp.main(args(world, tmp_path))
+    prefs = lines(tmp_path / "prefs.jsonl")
+    assert prefs and all(p["p1"] == pytest.approx(0.5) and p["confidence"] == pytest.approx(0.5) for p in prefs)
+    assert s["orders_disagree"] == 1.0 and s["p_first_shown"] == pytest.approx(0.9)
+
+
+def test_content_judge_is_confident_and_files_are_clean(world, tmp_path, monkeypatch):
+    """A judge preferring the alphabetically first answer in either position labels it, with confidence 0.9."""
+    def prefers_first_alphabetically(judge, tok, users, videos, ab):
+        return torch.tensor([0.9 if min(judging(u)) == judging(u)[0] else 0.1 for u in users])
+
+    monkeypatch.setattr(mp, "prob_a", prefers_first_alphabetically)
+    s = mp.main(args(world, tmp_path))
+    prefs = lines(tmp_path / "prefs.jsonl")
+    assert len(prefs) + s["n_dropped_identical"] == 6 and s["orders_disagree"] == 0.0
+    for p in prefs:
+        assert p["preference"] == (1 if p["answer_1"] < p["answer_2"] else 2)
+        assert p["confidence"] == pytest.approx(0.9) and p["p1"] == pytest.approx(0.9 if p["preference"] == 1 else 0.1)
+        assert p["context"] and p["context_mode"] == "gt" and p["video"].startswith("videos/")
+    # the oracle (ground truth) never reaches prefs.jsonl; it is in oracle.jsonl, keyed by (id, pair)
+    assert {k for p in prefs for k in p} == {"id", "pair", "video", "question", "type", "answer_1", "answer_2",
+                                             "preference", "confidence", "p1", "p_a", "context_mode", "context"}
+    truths = {r["answer"] for _, r in data.read_records(world / "shapes" / "truth" / "rl_answers.jsonl")}
+    assert not any(t in json.dumps(p) for p in prefs for t in truths if len(t) > 20)  # descriptions are long
+    oracle = lines(tmp_path / "oracle.jsonl")
+    assert [(o["id"], o["pair"]) for o in oracle] == [(p["id"], p["pair"]) for p in prefs]
+    assert all(o["oracle"] in (1, 2, None) for o in oracle) and "agreement" in s
+    # readable by data.read_prefs with the world as video root; the reference layout round-trips
+    ours = data.read_prefs(tmp_path / "prefs.jsonl", world / "shapes")
+    ref = data.read_prefs(tmp_path / "prefs_reference.json", world / "shapes")
+    for x, y in zip(ours, ref):
+        assert data.Path(x["video"]).exists() and x["video"] == y["video"]
+        assert [x[k] for k in ("id", "question", "answer_1", "answer_2", "preference")] == \
+               [y[k] for k in ("id", "question", "answer_1", "answer_2", "preference")]
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+
+
+def test_self_context_described_once_per_video(world, tmp_path, monkeypatch):
+    calls, real = [], mp.generate_texts
+
+    def counting(model, tok, users, videos, max_new_tokens, temperature, top_p, generator):
+        calls.append((temperature, len(users), users[0]))
+        return real(model, tok, users, videos, max_new_tokens, temperature, top_p, generator)
+
+    monkeypatch.setattr(mp, "generate_texts", counting)
+    mp.main(args(world, tmp_path, context="self", batch_size=3))
+    describes = [c for c in calls if c[0] == 0.0]
+    assert len(describes) == 3 and all(n == 3 and "Describe the video" in u for _, n, u in describes)  # 3 videos, 3 clips
+    by_video = {}
+    for p in lines(tmp_path / "prefs.jsonl"):
+        assert p["context_mode"] == "self" and by_video.setdefault(p["video"], p["context"]) == p["context"]
+    none = mp.main(args(world, tmp_path / "none", context="none"))
+    assert none["n_pairs"] and all(p["context"] is None for p in lines(tmp_path / "none" / "prefs.jsonl"))
+
+
+def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
+    mp.main(args(world, tmp_path / "full"))
+    calls, real = [0], mp.generate_texts
+
+    def crash_in_third_batch(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mp, "generate_texts", crash_in_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        mp.main(args(world, tmp_path / "cut"))
+    monkeypatch.setattr(mp, "generate_texts", real)
+    cut = tmp_path / "cut"
+    assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1]
+    # what a crash inside batch 2 could leave: a complete pair line of batch 2 and a torn line
+    third = data.read_prompts(world / "shapes" / "rl.jsonl")[4]["id"]
+    for name in ("prefs", "oracle"):
+        with open(cut / f"{name}.jsonl", "a") as f:
+            f.write(json.dumps({"id": third, "pair": 0, "oracle": 1}) + "\n" + '{"id": "rl_')
+    with pytest.raises(ValueError, match="other arguments.*temperature"):
+        mp.main(args(world, cut, resume=True, temperature=0.5))
+    mp.main(args(world, cut, resume=True))
+    for name in ("prefs.jsonl", "oracle.jsonl", "prefs_reference.json"):
+        assert (cut / name).read_text() == (tmp_path / "full" / name).read_text(), name
+    assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1, 2]
+    ids = [(p["id"], p["pair"]) for p in lines(cut / "prefs.jsonl")]
+    assert len(ids) == len(set(ids))
