@@ -1,0 +1,268 @@
+"""Stage 3: the reward model (SPEC 3). Initialised from the SFT model with a new scalar head, it reads video +
+question + answer + an evaluation request (NO context, as in the paper) and is trained with the Bradley-Terry
+loss on the AI preferences of make_prefs.py. Scores are normalised to mean 0 / std 1 on the SFT answers.
+
+    python train_rm.py --prefs runs/tiny/prefs_gt/prefs.jsonl --sft runs/tiny/sft/model --out runs/tiny/rm
+    python train_rm.py --out runs/tiny/rm --resume true    # continue an interrupted run
+
+Writes config.json, metrics.jsonl (per step: loss, acc; per epoch: held-out accuracy), summary.json and model/
+(model.safetensors + config.json with the score normalisation + tokenizer files).
+"""
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import model as M
+
+
+@dataclass
+class Args:
+    prefs: str = "runs/tiny/prefs_gt/prefs.jsonl"  # preference pairs (ours or the reference's layout, SPEC 4)
+    video_root: str = "data/shapes"  # the folder the prefs' video paths are relative to: the world (= rl.jsonl's folder)
+    sft: str = "runs/tiny/sft/model"  # SFT checkpoint the RM starts from (SPEC 3), and its tokenizer
+    out: str = "runs/tiny/rm"  # run folder: config.json, metrics.jsonl, summary.json, model/
+    oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
+    holdout: float = 0.1  # held-out fraction of pairs, split by prompt; capped by max_holdout (smaller wins)
+    max_holdout: int = 500  # SPEC 3: 500 held out in the reference
+    min_confidence: float = 0.5  # train only on pairs the judge was at least this sure of (0.5 = keep all)
+    epochs: int = 2  # SPEC 3: 1 epoch on ~40k pairs; our set is small
+    batch_size: int = 16  # pairs per step (SPEC 3)
+    lr: float = 1e-4  # constant, no schedule (SPEC 3: 2e-5 with LoRA on a 13B; the tiny model needs more)
+    grad_clip: float = 1.0  # max global gradient norm
+    lora_r: int = 0  # 0 = train every weight (tiny model); SPEC 3: LoRA r=64 on real models
+    lora_alpha: float = 64.0  # LoRA scaling numerator (alpha = r: scale 1; our choice)
+    save_every: int = 50  # steps between resume checkpoints
+    resume: bool = False  # continue from out/resume.pt if present
+    seed: int = 0  # split, data order and head initialisation
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def rm_input(tok, question, answer, n_video_tokens):
+    """The RM reads the conversation then the evaluation request, scored at its last token (SPEC 3, 5):
+    = prompt ids + answer ids + EOS + data.rm_suffix(tok), the form ppo.py builds from sampled tokens."""
+    return data.encode(tok, [(f"{data.VIDEO}\n{question}", answer), (data.RM_PROMPT, None)], n_video_tokens)[0]
+
+
+def split_prompts(ids, holdout, max_holdout, seed):
+    """Held-out prompt ids: a seeded shuffle of the distinct prompts, taken until min(ceil(holdout * pairs),
+    max_holdout) pairs are held out. All pairs of one prompt fall on one side, so the held-out answers were
+    never seen in training."""
+    target = min(math.ceil(holdout * len(ids)), max_holdout)
+    counts, prompts = Counter(ids), sorted(set(ids))
+    random.Random(seed).shuffle(prompts)
+    held, n = set(), 0
+    for p in prompts:
+        if n >= target:
+            break
+        held.add(p)
+        n += counts[p]
+    return held
+
+
+def batch_order(n, epochs, batch_size, seed):
+    """The whole run as batches of pair indices, shuffled per epoch and fixed by the seed (so a resumed run
+    replays exactly the same order). -> [(epoch, [i, ...]), ...]"""
+    g = random.Random(seed)
+    out = []
+    for e in range(epochs):
+        perm = g.sample(range(n), n)
+        out += [(e, perm[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return out
+
+
+def bt_loss(r1, r2, preference):
+    """Bradley-Terry: -log sigmoid(r_preferred - r_rejected), as the reference's BCE(r2 - r1, preference == 2),
+    plus its centring term 1e-3 * |mean(r1 + r2)| that keeps the scores near 0 (SPEC 3)."""
+    label = (preference == 2).to(r1.dtype)
+    return F.binary_cross_entropy_with_logits(r2 - r1, label) + 1e-3 * (r1 + r2).mean().abs()
+
+
+def accuracy(r1, r2, preference):
+    """Fraction of pairs where the RM scores the preferred answer higher (a tie counts for answer 1)."""
+    return ((r2 > r1) == (preference == 2)).float().mean().item()
+
+
+def scores(model, seqs, videos, pad_id, left=False):
+    """RM scores of token sequences (one video each), padded into one batch; model.reward reads each row's
+    last real token, so the padding side does not matter (tested)."""
+    device = videos.device
+    ids = data.pad(seqs, pad_id, left).to(device)
+    mask = data.pad([[1] * len(s) for s in seqs], 0, left).to(device)
+    return model.reward(ids, mask, videos).float()
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def write_atomic(path, text):
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def main(a: Args):
+    torch.manual_seed(a.seed)  # the new head's initialisation
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.epochs < 1 or a.batch_size < 1:
+        raise ValueError(f"--epochs and --batch_size must be >= 1, got {a.epochs} and {a.batch_size}")
+    write_atomic(out / "config.json", json.dumps(asdict(a), indent=2))
+    tok = data.load_tokenizer(a.sft)
+    model = M.load_pretrained(a.sft, kind="policy", new_head="reward").to(a.device)
+    cfg = model.cfg
+    if a.lora_r:
+        M.add_lora(model, a.lora_r, a.lora_alpha)
+
+    # 1. read the AI preferences; videos are relative to --video_root (make_prefs keeps rl.jsonl's paths)
+    prefs = data.read_prefs(a.prefs, a.video_root or None)
+    if not prefs:
+        raise ValueError(f"{a.prefs}: no preference pairs")
+    for r in prefs:
+        if r.get("id") is None:
+            raise ValueError(f"{a.prefs}: a pair without 'id' (question {r['question']!r}); the held-out split "
+                             "groups pairs by their prompt id")
+        if not all(map(os.path.exists, r["video"] if isinstance(r["video"], list) else [r["video"]])):
+            raise FileNotFoundError(f"{a.prefs}: pair {r.get('id')}: video {r['video']} not found; --video_root "
+                                    f"({a.video_root!r}) must be the folder its video paths are relative to")
+    pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
+              "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
+              "seqs": [rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens) for i in (1, 2)]}
+             for r in prefs]
+    oracle_file = Path(a.oracle or Path(a.prefs).parent / "oracle.jsonl")
+    oracle = {(str(r["id"]), r["pair"]): r["oracle"] for _, r in data.read_records(oracle_file)} \
+        if oracle_file.exists() else {}
+
+    # 2. held-out split by prompt, then the confidence filter on the training side only (so held-out numbers
+    # are comparable across --min_confidence settings)
+    held = split_prompts([p["id"] for p in pairs], a.holdout, a.max_holdout, a.seed)
+    heldout = [p for p in pairs if p["id"] in held]
+    train_all = [p for p in pairs if p["id"] not in held]
+    train = [p for p in train_all if p["confidence"] >= a.min_confidence]
+    if not train:
+        raise ValueError(f"{a.prefs}: no training pairs left (min_confidence {a.min_confidence}, {len(heldout)} held out)")
+    batches = batch_order(len(train), a.epochs, a.batch_size, a.seed)
+    videos = {}  # path -> (F, 3, H, W); the tiny world's videos all fit in memory
+
+    def load(ps):  # both answers of each pair see its video: rows ordered [answer_1s..., answer_2s...]
+        for p in ps:
+            key = str(p["video"])
+            if key not in videos:
+                videos[key] = data.load_video(p["video"], cfg.num_frames, cfg.vision.image_size)
+        v = torch.stack([videos[str(p["video"])] for p in ps])
+        return torch.cat([v, v]).to(a.device)
+
+    def score_pairs(ps):  # -> r1, r2 (N,) in batches, without gradients
+        r = []
+        with torch.no_grad():
+            for i in range(0, len(ps), a.batch_size):
+                b = ps[i:i + a.batch_size]
+                r.append(scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b),
+                                cfg.pad_token_id).view(2, -1).cpu())
+        r = torch.cat(r, 1) if r else torch.empty(2, 0)
+        return r[0], r[1]
+
+    def evaluate(step, epoch):  # held-out accuracy on AI labels; agreement with the oracle (MEASUREMENT only)
+        model.eval()
+        r1, r2 = score_pairs(heldout)
+        model.train()
+        pref = torch.tensor([p["preference"] for p in heldout])
+        known = [i for i, p in enumerate(heldout) if oracle.get((p["id"], p["pair"])) is not None]
+        truth = torch.tensor([oracle[heldout[i]["id"], heldout[i]["pair"]] for i in known])
+        return {"step": step, "epoch": epoch, "n_heldout": len(heldout),
+                "heldout_acc": accuracy(r1, r2, pref) if heldout else None, "n_oracle": len(known),
+                "heldout_oracle_agreement": accuracy(r1[known], r2[known], truth) if known else None}
+
+    print(f"train_rm: {len(train)} training pairs ({len(train_all) - len(train)} below confidence "
+          f"{a.min_confidence}), {len(heldout)} held out ({len(held)} prompts), {len(batches)} steps")
+
+    # 3. train with the Bradley-Terry loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, resume_file, metrics_file = 0, out / "resume.pt", out / "metrics.jsonl"
+    if a.resume and resume_file.exists():
+        state = torch.load(resume_file, map_location=a.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed from {resume_file} at step {step}")
+    # metrics of steps after the resume point would be written twice: drop them
+    kept = [l for l in open(metrics_file)] if a.resume and metrics_file.exists() else []
+    with open(metrics_file, "w") as f:
+        f.writelines(l for l in kept if json.loads(l)["step"] <= step)
+
+    model.train()
+    bar = tqdm(total=len(batches), initial=step, desc="rm", dynamic_ncols=True)
+    t0, evals = time.time(), []
+    while step < len(batches):
+        epoch, idx = batches[step]
+        b = [train[i] for i in idx]
+        r = scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b), cfg.pad_token_id)
+        r1, r2 = r.view(2, -1)
+        pref = torch.tensor([p["preference"] for p in b], device=r.device)
+        loss = bt_loss(r1, r2, pref)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"train_rm: non-finite loss at step {step}; the last good state is {resume_file}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        opt.step()
+        step += 1
+        rec = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "acc": accuracy(r1, r2, pref),
+               "grad_norm": round(float(grad_norm), 4), "lr": a.lr}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{rec['acc']:.2f}")
+        bar.update()
+        if step == len(batches) or batches[step][0] != epoch:  # 4. held-out accuracy after every epoch
+            evals.append(evaluate(step, epoch))
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(evals[-1]) + "\n")
+            bar.write(f"train_rm: epoch {epoch} held-out acc {pct(evals[-1]['heldout_acc'])} on {len(heldout)} pairs, "
+                      f"oracle agreement {pct(evals[-1]['heldout_oracle_agreement'])} on {evals[-1]['n_oracle']}")
+        if step % a.save_every == 0 and step < len(batches):
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, f"{resume_file}.tmp")
+            os.replace(f"{resume_file}.tmp", resume_file)
+    bar.close()
+
+    # 5. normalise: mean 0 / std 1 over the SFT answers of the training pairs (scores are only comparable
+    # within one RM, SPEC 5; PPO reads these from the checkpoint)
+    model.eval()
+    r1, r2 = score_pairs(train_all)
+    all_scores = torch.cat([r1, r2])
+    mean, std = all_scores.mean().item(), all_scores.std().item()
+
+    # 6. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
+    final = out / "model"
+    tmp = Path(f"{final}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    M.save_pretrained(model, str(tmp), extra_config={"stage": "rm", "score_mean": mean, "score_std": std,
+                                                     "prompt": "rm_suffix"})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    if resume_file.exists():
+        os.remove(resume_file)
+    last = evals[-1]
+    summary = {**{k: last[k] for k in ("n_heldout", "heldout_acc", "n_oracle", "heldout_oracle_agreement")},
+               "n_train": len(train), "n_below_confidence": len(train_all) - len(train), "steps": step,
+               "score_mean": mean, "score_std": std, "seconds_this_session": round(time.time() - t0, 1)}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"train_rm: saved {final} ({step} steps); held-out acc {pct(last['heldout_acc'])}, oracle agreement "
+          f"{pct(last['heldout_oracle_agreement'])}; scores mean {mean:.3f} std {std:.3f} on {len(all_scores)} SFT answers")
+    return summary
+
+
+if __name__ == "__main__":
+    main(data.parse_args(Args, description=__doc__))
