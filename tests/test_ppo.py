@@ -1,0 +1,247 @@
+"""ppo.py: the PPO math against plain loops, score placement and penalties, ratio 1 on the first step of a real
+rollout, an end-to-end run, and resume == an uninterrupted run."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import model as M
+import ppo
+
+torch.set_num_threads(1)  # tiny tensors: threads only add sync overhead
+
+
+def lengths_mask(lengths, T):  # (B, T) float: 1 on the first lengths[b] positions
+    return (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).float()
+
+
+def test_gae_equals_a_plain_loop():
+    torch.manual_seed(0)
+    lengths, T = [7, 3, 1, 5], 7
+    rewards, values, mask = torch.randn(4, T), torch.randn(4, T), lengths_mask(lengths, T)
+    for gamma, lam in [(1.0, 1.0), (1.0, 0.95), (0.9, 0.8), (0.5, 0.0)]:
+        adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+        for b, n in enumerate(lengths):  # one episode per row, ending at its last real token
+            a = 0.0
+            for t in reversed(range(n)):
+                next_value = values[b, t + 1].item() if t + 1 < n else 0.0
+                a = rewards[b, t].item() + gamma * next_value - values[b, t].item() + gamma * lam * a
+                assert adv[b, t].item() == pytest.approx(a, abs=1e-5)
+            assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+        assert torch.allclose(ret, (adv + values) * mask)
+    # gamma = lambda = 1: the advantage is the sum of the rewards to come minus the value
+    adv, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
+    to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    assert torch.allclose(adv, (to_go - values) * mask, atol=1e-5)
+
+
+def test_masked_mean_and_whiten():
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 6), lengths_mask([6, 2, 4], 6)
+    x_padded = x.masked_fill(mask == 0, 1e6)  # masked positions must not matter
+    real = x[mask.bool()]
+    assert ppo.masked_mean(x_padded, mask) == pytest.approx(real.mean().item(), abs=1e-6)
+    assert torch.allclose(ppo.masked_mean(x_padded, mask, dim=1),
+                          torch.stack([x[0].mean(), x[1, :2].mean(), x[2, :4].mean()]))
+    w = ppo.masked_whiten(x_padded, mask)
+    assert (w[mask == 0] == 0).all()
+    assert w[mask.bool()].mean().item() == pytest.approx(0, abs=1e-6)
+    assert w[mask.bool()].std().item() == pytest.approx(1, abs=1e-6)
+    assert torch.allclose(w[mask.bool()], (real - real.mean()) / real.std(), atol=1e-6)
+
+
+def test_logprobs_and_entropy_from_logits_use_the_temperature():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    for T in (1.0, 0.7):
+        want = F.log_softmax(logits / T, -1).gather(-1, labels[..., None]).squeeze(-1)
+        assert torch.allclose(ppo.logprobs_from_logits(logits, labels, T), want, atol=1e-6)
+        entropy = torch.distributions.Categorical(logits=logits / T).entropy()
+        assert torch.allclose(ppo.entropy_from_logits(logits, T), entropy, atol=1e-5)
+    assert not torch.allclose(ppo.logprobs_from_logits(logits, labels, 0.7), ppo.logprobs_from_logits(logits, labels))
+
+
+def test_score_at_the_last_real_token_and_kl_penalty():
+    eos, pad = 2, 3
+    responses = torch.tensor([[7, 8, eos, pad, pad],  # EOS at 2: the score goes to index 2
+                              [7, 8, 9, 10, 11],  # cut off: the score goes to the last token
+                              [eos, pad, pad, pad, pad]])
+    mask = ppo.response_mask(responses, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
+    scores = torch.tensor([1.5, -2.0, 0.5])
+    logprobs = torch.randn(3, 5)
+    rewards, non_score = ppo.compute_rewards(scores, logprobs, logprobs.clone(), mask, kl_coef=0.1)
+    want = torch.zeros(3, 5)
+    want[0, 2], want[1, 4], want[2, 0] = 1.5, -2.0, 0.5
+    assert torch.equal(rewards, want) and (non_score == 0).all()  # policy == reference: score only
+
+    ref = logprobs - torch.tensor([0.5, -0.5, 1.0, 0.0, 2.0])  # k1 = log p - log p_ref per token
+    rewards, non_score = ppo.compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1, clamp_kl=True)
+    assert torch.allclose(non_score[1], torch.tensor([-0.05, 0.0, -0.1, 0.0, -0.2]))  # negative KL clamped
+    assert torch.allclose(non_score[0], torch.tensor([-0.05, 0.0, -0.1, 0.0, 0.0]))  # nothing after EOS
+    assert rewards[1, 4].item() == pytest.approx(-2.0 - 0.2)
+    _, unclamped = ppo.compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1, clamp_kl=False)
+    assert unclamped[1, 1].item() == pytest.approx(0.05)
+
+
+def test_no_eos_penalty_replaces_the_score_and_length_penalty():
+    rm = torch.tensor([1.0, 2.0, -0.5])
+    has_eos, lengths = torch.tensor([True, False, True]), torch.tensor([3.0, 10.0, 5.0])
+    assert ppo.penalised_scores(rm, has_eos, lengths, -8.0, 0.0, 10).tolist() == [1.0, -8.0, -0.5]
+    assert torch.allclose(ppo.penalised_scores(rm, has_eos, lengths, -8.0, 10.0, 10), torch.tensor([-2.0, -18.0, -5.5]))
+
+
+def test_policy_and_value_losses_clip():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 1.1, 0.5, 9.0]]))  # ratios; the last position is padding
+    adv = torch.tensor([[1.0, 1.0, -1.0, 5.0]])
+    loss, stats = ppo.policy_loss(new, old, adv, mask, cliprange=0.2)
+    # ratio 1.5 with A > 0: clipped to 1.2; 1.1: inside; 0.5 with A < 0: clipped to 0.8 (loss 0.8, not 0.5)
+    assert loss.item() == pytest.approx((-1.2 - 1.1 + 0.8) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (new[0, :3] ** 2).mean().item())
+    loss, stats = ppo.policy_loss(old, old, adv, mask, 0.2)
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] == 0 and loss.item() == pytest.approx(-1 / 3)
+
+    values, old_values = torch.tensor([[1.0, 0.1, -1.0, 7.0]]), torch.zeros(1, 4)
+    returns = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
+    loss, stats = ppo.value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    # position 0: clipped prediction 0.2 is further from 2 (err 3.24 > 1): clipped; 1: inside (0.01);
+    # 2: clipped -0.2 is closer to 0 (0.04 < 1): the unclipped error counts (pessimistic max)
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01 + 1.0) / 3)
+    assert stats["value_clipfrac"].item() == pytest.approx(1 / 3)
+
+
+def test_adaptive_kl_coef_and_prompt_order():
+    assert ppo.adaptive_kl_coef(0.1, 12.0, 6.0, 100, 10000) == pytest.approx(0.1 * (1 + 0.2 * 0.01))  # clipped
+    assert ppo.adaptive_kl_coef(0.1, 5.4, 6.0, 100, 10000) == pytest.approx(0.1 * (1 - 0.1 * 0.01))
+    batches = ppo.prompt_batches(10, 4, 5, seed=3)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # once per epoch
+    assert batches == ppo.prompt_batches(10, 4, 5, seed=3) and batches != ppo.prompt_batches(10, 4, 5, seed=4)
+
+
+# ----------------------------------------------------------------------------- with tiny models
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny world, a random policy with its tokenizer (the 'SFT' checkpoint) and an RM made from it."""
+    root = tmp_path_factory.mktemp("world")
+    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=2, n_rl=3, n_eval=1, n_text=20, vocab_size=300))
+    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
+    torch.manual_seed(0)
+    cfg = M.VLMConfig(vision=M.VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
+                                            intermediate_size=64),
+                      llm=M.LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      intermediate_size=48),
+                      num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO),
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    M.save_pretrained(M.VideoLLM(cfg), str(root / "sft"))
+    tok.save_pretrained(str(root / "sft"))
+    rm = M.load_pretrained(str(root / "sft"), kind="policy", new_head="reward")
+    M.save_pretrained(rm, str(root / "rm"), extra_config={"score_mean": 0.5, "score_std": 2.0})
+    tok.save_pretrained(str(root / "rm"))
+    return root
+
+
+def tiny_args(world, out, **kw):
+    return ppo.Args(**{**dict(prompts=str(world / "shapes" / "rl.jsonl"), sft=str(world / "sft"), rm=str(world / "rm"),
+                              out=str(out), iterations=2, rollout_batch=4, minibatch=2, max_new_tokens=6,
+                              save_every=1, sample_every=1, n_samples=2, lr=1e-3), **kw})
+
+
+def test_first_ppo_step_has_ratio_one(world, tmp_path):
+    """Through the real functions: a rollout, its scores, rewards and advantages, then one PPO step. The
+    policy that sampled is the policy being trained, so the ratio is 1, nothing is clipped, the KL is 0."""
+    a = tiny_args(world, tmp_path)
+    tok = data.load_tokenizer(a.sft)
+    policy, ref = M.load_pretrained(a.sft, kind="policy"), M.load_pretrained(a.sft, kind="policy")
+    rm, value_model = M.load_pretrained(a.rm, kind="reward"), M.load_pretrained(a.rm, kind="reward", new_head="value")
+    prompts = data.read_prompts(a.prompts)[:4]
+    query_ids = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], policy.cfg.n_video_tokens)[0]
+                 for p in prompts]
+    videos = torch.stack([data.load_video(p["video"], 4, 48) for p in prompts])
+    batch = ppo.rollout(policy, ref, value_model, query_ids, videos, a, torch.Generator().manual_seed(0))
+    mask = batch["mask"]
+    assert batch["sampler_logprob_gap"] < 1e-4  # generate's numbers == a full forward's
+    assert torch.equal(batch["logprobs"], batch["ref_logprobs"])  # policy == reference
+    assert (batch["values"] == 0).all()  # zero-initialised value head (SPEC 3)
+
+    suffix = data.rm_suffix(tok)
+    raw = ppo.score(rm, query_ids, batch["responses"], mask, videos, suffix, chunk=3)
+    for i, (q, r, n) in enumerate(zip(query_ids, batch["responses"].tolist(), mask.sum(1).long().tolist())):
+        seq = q + r[:n] + suffix  # scored alone, without padding: the same number
+        alone = rm.reward(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long), videos[i:i + 1])
+        assert alone.item() == pytest.approx(raw[i].item(), abs=1e-5)
+    has_eos = (batch["responses"] == tok.eos_token_id).any(1)
+    scores = ppo.penalised_scores(raw, has_eos, mask.sum(1), -8.0, 0.0, a.max_new_tokens)
+    rewards, non_score = ppo.compute_rewards(scores, batch["logprobs"], batch["ref_logprobs"], mask, 0.1)
+    last = mask.sum(1).long() - 1
+    assert (non_score == 0).all() and torch.equal(rewards[torch.arange(4), last], scores)  # KL 0: only the score,
+    assert rewards.count_nonzero() == (scores != 0).sum()  # at the last real token
+    advantages, returns = ppo.gae(rewards, batch["values"], mask, 1.0, 0.95)
+    batch.update(advantages=ppo.masked_whiten(advantages, mask), returns=returns)
+
+    params = [p for m in (policy, value_model) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=a.lr)
+    rows = torch.tensor([2, 0])
+    stats = ppo.ppo_step(policy, value_model, opt, {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}, a)
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] == 0 and stats["ratio_max"] == 1  # exactly
+    assert stats["value_clipfrac"] == 0  # values start where the rollout's are
+    assert not torch.equal(policy.lm_head.weight, ref.lm_head.weight)  # and the step did move the policy
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
+    ppo.main(tiny_args(world, tmp_path / "full"))
+    full = M.load_pretrained(str(tmp_path / "full" / "model"), kind="policy")
+    assert M.load_config(str(tmp_path / "full" / "model"))[1] == {"stage": "ppo"}
+    assert data.load_tokenizer(str(tmp_path / "full" / "model")).pad_token_id == full.cfg.pad_token_id
+    metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    for key in ("score", "rm_score", "kl", "non_score_reward", "entropy", "answer_len", "no_eos", "clipfrac",
+                "approx_kl", "value_loss", "explained_variance", "policy_loss", "lr", "seconds"):
+        assert all(key in m for m in metrics), key
+    assert metrics[0]["kl"] == 0 and metrics[0]["minibatch_steps"] == 4  # 2 epochs x 4 answers / 2
+    assert metrics[0]["sampler_logprob_gap"] < 1e-4
+    samples = read_jsonl(tmp_path / "full" / "samples.jsonl")
+    assert len(samples) == 4 and set(samples[0]) == {"iteration", "id", "question", "answer", "score"}
+    assert not (tmp_path / "full" / "resume.pt").exists()
+    assert not torch.equal(full.lm_head.weight, M.load_pretrained(str(world / "sft")).lm_head.weight)
+
+    calls, real_step = [0], ppo.ppo_step
+
+    def crash_in_iteration_2(*args, **kw):  # after iteration 1's resume checkpoint
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(ppo, "ppo_step", crash_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main(tiny_args(world, tmp_path / "cut"))
+    monkeypatch.setattr(ppo, "ppo_step", real_step)
+    assert not (tmp_path / "cut" / "model").exists() and (tmp_path / "cut" / "resume.pt").exists()
+    ppo.main(tiny_args(world, tmp_path / "cut", resume=True))
+    resumed = M.load_pretrained(str(tmp_path / "cut" / "model"), kind="policy")
+    for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-6), k
+    cut = read_jsonl(tmp_path / "cut" / "metrics.jsonl")
+    assert [m["iteration"] for m in cut] == [1, 2]
+    assert [m["score"] for m in cut] == [m["score"] for m in metrics]  # the same prompts and answers
+    assert read_jsonl(tmp_path / "cut" / "samples.jsonl") == samples
+
+
+def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
+    ppo.main(tiny_args(world, tmp_path, lora_r=4, iterations=1, target_kl=6.0, length_penalty=10.0))
+    m = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert m["kl"] == 0 and m["kl_coef"] == 0.1  # LoRA B starts at 0: policy == reference
+    policy = M.load_pretrained(str(tmp_path / "model"), kind="policy")  # merged: a plain checkpoint
+    assert not any("lora" in k for k in policy.state_dict())
