@@ -245,3 +245,28 @@ def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
     assert m["kl"] == 0 and m["kl_coef"] == 0.1  # LoRA B starts at 0: policy == reference
     policy = M.load_pretrained(str(tmp_path / "model"), kind="policy")  # merged: a plain checkpoint
     assert not any("lora" in k for k in policy.state_dict())
+
+
+def test_reward_model_reads_what_it_was_trained_on(world):
+    """A sampled answer reaches the RM as the same tokens as a text answer in training (SPEC 5)."""
+    tok = data.load_tokenizer(str(world / "sft"))
+    question, answer, n_video = "What colour is the circle?", "red", 20
+    query = data.encode(tok, [(f"{data.VIDEO}\n{question}", None)], n_video)[0]
+    trained = data.encode(tok, [(f"{data.VIDEO}\n{question}", answer), (data.RM_PROMPT, None)], n_video)[0]
+    answer_ids = tok(" " + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    rows = [answer_ids, answer_ids[:-1] * 2 + [tok.eos_token_id] * 2]  # the second: EOS, then EOS again
+    responses = data.pad(rows, tok.pad_token_id)
+    seen = []
+
+    class FakeRM:
+        cfg = M.VLMConfig(pad_token_id=tok.pad_token_id)
+
+        def reward(self, ids, mask, videos):
+            seen.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+            assert bool(mask[:, -1].all())  # left-padded: the last column is every row's last real token
+            return torch.zeros(len(ids))
+
+    mask = ppo.response_mask(responses, tok.eos_token_id)
+    ppo.score(FakeRM(), [query, query], responses, mask, torch.zeros(2, 1), data.rm_suffix(tok), chunk=2)
+    assert seen[0] == trained
+    assert seen[1] == query + answer_ids[:-1] * 2 + [tok.eos_token_id] + data.rm_suffix(tok)  # cut at the first EOS
