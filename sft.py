@@ -41,6 +41,7 @@ class Args:
     image_size: int = 48  # frames are resized to this (the world renders 48x48; CLIP-L/14-336 uses 336)
     patch: int = 12  # ViT patch size: (48 / 12)^2 = 16 spatial tokens
     frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16)
+    lm_text: bool = False  # text-only records train on every token (a stand-in for LLM pretraining; no gain measured yet)
     long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
     epochs_short: int = 3  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is tiny)
     epochs_long: int = 3  # passes over the long-answer stage
@@ -137,8 +138,10 @@ def main(a: Args):
                 ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, a.max_len)
             except ValueError as e:
                 raise ValueError(f"{path}: record {r['id']}: {e}") from None
-            examples.append({"ids": ids, "labels": labels, "video": r["video"],
-                             "answer_len": sum(l != -100 for l in labels)})
+            answer_len = sum(l != -100 for l in labels)
+            if a.lm_text and r["video"] is None:  # every token carries loss: the LLM pretraining SPEC 2 assumes
+                labels = [-100] + ids[1:]
+            examples.append({"ids": ids, "labels": labels, "video": r["video"], "answer_len": answer_len})
     videos = {}  # path -> (F, 3, H, W); the tiny world's videos all fit in memory
 
     def load(path):
