@@ -281,14 +281,15 @@ def read_prompt(context, question):
     return f"Description of the video: {context}\n{question}"
 
 
-def encode(tok, turns, n_video_tokens, max_len=None):
+def encode(tok, turns, n_video_tokens, max_len=None, system=None):
     """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...]; assistant may be None
     for a generation prompt. Labels are -100 except on assistant tokens and their EOS (SPEC 2). The single
     <video> placeholder becomes n_video_tokens copies of the video token, filled in by the model.
     Truncation policy: answers are cut from the end to fit max_len (keeping EOS); a prompt that does not
-    fit is an error."""
+    fit is an error. system: the system line (None = Vicuna v1's, SPEC 2; "" = none)."""
     ids, labels = [tok.bos_token_id], [-100]
-    text = SYSTEM + " "
+    system = SYSTEM if system is None else system
+    text = f"{system} " if system else ""
     for i, (user, assistant) in enumerate(turns):
         user = user.replace("<image>", VIDEO)
         text += f"USER: {user} ASSISTANT:"

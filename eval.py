@@ -111,7 +111,7 @@ def generate_answers(name, path, records, args):
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
         batch = records[i:i + args.batch_size]
         # earlier turns (if any) are context; the last question is asked, its answer is the truth
-        prompts = [data.encode(tok, r["turns"][:-1] + [(r["turns"][-1][0], None)], cfg.n_video_tokens)[0]
+        prompts = [data.encode(tok, r["turns"][:-1] + [(r["turns"][-1][0], None)], cfg.n_video_tokens, system=cfg.system)[0]
                    for r in batch]
         ids = data.pad(prompts, cfg.pad_token_id, left=True)  # left: generation continues every row (SPEC 5)
         mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: correct whatever ids hold

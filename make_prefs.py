@@ -127,9 +127,10 @@ def answer_token_ids(tok, path):
     return ids[0][0], ids[1][0]
 
 
-def left_padded(tok, users, n_video_tokens, device):
-    """One-turn generation prompts, LEFT-padded (SPEC 5): every row's last column is its last prompt token."""
-    prompts = [data.encode(tok, [(u, None)], n_video_tokens)[0] for u in users]
+def left_padded(tok, users, cfg, device):
+    """One-turn generation prompts in the model's template, LEFT-padded (SPEC 5): every row's last column is
+    its last prompt token."""
+    prompts = [data.encode(tok, [(u, None)], cfg.n_video_tokens, system=cfg.system)[0] for u in users]
     ids = data.pad(prompts, tok.pad_token_id, left=True)
     mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: right whatever ids hold
     return ids.to(device), mask.to(device)
@@ -138,7 +139,7 @@ def left_padded(tok, users, n_video_tokens, device):
 def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p, generator):
     """Answer each user turn about its video; text up to the first EOS (an answer that hits max_new_tokens
     without EOS is kept as it is)."""
-    ids, mask = left_padded(tok, users, model.cfg.n_video_tokens, videos.device)
+    ids, mask = left_padded(tok, users, model.cfg, videos.device)
     resp, _ = model.generate(ids, mask, videos, max_new_tokens, temperature, top_p, generator)
     eos = model.cfg.eos_token_id
     return [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip() for r in resp.tolist()]
@@ -147,7 +148,7 @@ def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p
 def prob_a(judge, tok, users, videos, ab):
     """P(" A") for each judging turn: one forward, the logits at the last prompt token (the first assistant
     position), softmax over just " A" and " B" -> (N,)."""
-    ids, mask = left_padded(tok, users, judge.cfg.n_video_tokens, videos.device)
+    ids, mask = left_padded(tok, users, judge.cfg, videos.device)
     hidden = judge(ids, mask, videos)[:, -1]  # left-padded: the last column is every row's last real token
     return two_way(judge.logits(hidden), *ab).cpu()
 

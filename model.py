@@ -65,6 +65,7 @@ class VLMConfig:
     eos_token_id: int = 2
     bos_token_id: int = 1
     kind: str = "policy"  # "policy" | "reward" | "value": what a checkpoint is, checked on load
+    system: str | None = None  # the chat template's system line the model was trained with; None = Vicuna v1's
 
     @property
     def n_video_tokens(self) -> int:  # temporal tokens (one per frame) + spatial tokens (one per patch)

@@ -279,7 +279,8 @@ def main(a: Args):
 
     # the prompts: every query tokenized once; videos decoded on first use and kept (the tiny world fits)
     prompts = data.read_prompts(a.prompts, a.video_root or None)
-    queries = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], cfg.n_video_tokens)[0] for p in prompts]
+    queries = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], cfg.n_video_tokens, system=cfg.system)[0]
+               for p in prompts]
     suffix = data.rm_suffix(tok)
     videos = {}
 

@@ -49,10 +49,11 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- pure pieces
-def rm_input(tok, question, answer, n_video_tokens):
+def rm_input(tok, question, answer, n_video_tokens, system=None):
     """The RM reads the conversation then the evaluation request, scored at its last token (SPEC 3, 5):
     = prompt ids + answer ids + EOS + data.rm_suffix(tok), the form ppo.py builds from sampled tokens."""
-    return data.encode(tok, [(f"{data.VIDEO}\n{question}", answer), (data.RM_PROMPT, None)], n_video_tokens)[0]
+    return data.encode(tok, [(f"{data.VIDEO}\n{question}", answer), (data.RM_PROMPT, None)], n_video_tokens,
+                       system=system)[0]
 
 
 def split_prompts(ids, holdout, max_holdout, seed):
@@ -138,7 +139,8 @@ def main(a: Args):
                                     f"({a.video_root!r}) must be the folder its video paths are relative to")
     pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
               "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
-              "seqs": [rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens) for i in (1, 2)]}
+              "seqs": [rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
+                      for i in (1, 2)]}
              for r in prefs]
     oracle_file = Path(a.oracle or Path(a.prefs).parent / "oracle.jsonl")
     oracle = {(str(r["id"]), r["pair"]): r["oracle"] for _, r in data.read_records(oracle_file)} \

@@ -212,3 +212,10 @@ def test_clip_spans(tmp_path):
     values = lambda span: [int(f[0, 0, 0]) // 10 for f in data._read_frames(folder, 4, span)]
     assert values((0, 1)) == [0, 4, 7, 11]
     assert values((0, 1 / 3)) == [0, 1, 2, 3] and values((2 / 3, 1)) == [8, 9, 10, 11]
+
+
+def test_template_without_system_line(world):
+    tok = data.load_tokenizer(world / "tokenizer")
+    ids, labels = data.encode(tok, [("Q?", "A")], 3, system="")
+    assert tok.decode(ids) == "<s>USER: Q? ASSISTANT: A</s>"
+    assert data.encode(tok, [("Q?", "A")], 3)[0] == data.encode(tok, [("Q?", "A")], 3, system=data.SYSTEM)[0]
