@@ -44,6 +44,7 @@ class Args:
     lm_text: bool = False  # text-only records train on every token (a stand-in for LLM pretraining; no gain measured yet)
     system: str = "none"  # from scratch: "vicuna" = SPEC 2's system line, "none" = without (halves the tiny model's input; learned faster, measured)
     long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
+    epochs_text: int = 0  # warm-up passes over the text-only records before the curriculum (0 = SPEC 3 as is)
     epochs_short: int = 2  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is tiny)
     epochs_long: int = 4  # passes over the long-answer stage
     replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
@@ -83,19 +84,25 @@ def build_model(a: Args, tok) -> M.VideoLLM:
     return M.resize_vocab(m, len(tok))  # room for the added <video> / <pad> tokens
 
 
-def curriculum(answer_lens, long_answer_tokens, epochs_short, epochs_long, replay, batch_size, seed):
-    """The whole run as a list of batches (example indices): every short-answer example epochs_short times,
-    then every long-answer one epochs_long times (SPEC 3), shuffled within each epoch. Each long-answer
-    epoch also replays `replay` short-answer examples per long one: a tiny model trained from scratch on
-    long answers alone forgets to stop after short ones (measured: short-answer accuracy fell to 0).
+def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_short, epochs_long, replay,
+               batch_size, seed):
+    """The whole run as a list of batches (example indices), shuffled within each epoch:
+    text    epochs_text passes over the text-only examples: a warm-up that stands in for the pretrained LLM
+            the paper starts from (reading a description is learned before looking at videos);
+    short   every short-answer example epochs_short times (SPEC 3: short answers first);
+    long    every long-answer example epochs_long times, each epoch also replaying `replay` short-answer
+            examples per long one: a tiny model trained from scratch on long answers alone forgets to stop
+            after short ones (measured: short-answer accuracy fell to 0).
     Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
     g = random.Random(seed)
+    text = [i for i, t in enumerate(text_only) if t]
     short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens]
     long = [i for i, n in enumerate(answer_lens) if n > long_answer_tokens]
     batches = []
-    for stage, epochs in (("short", epochs_short), ("long", epochs_long)):
+    for stage, epochs in (("text", epochs_text), ("short", epochs_short), ("long", epochs_long)):
         for _ in range(epochs):
-            idx = short if stage == "short" else long + g.sample(short, min(len(short), int(replay * len(long))))
+            idx = {"text": text, "short": short}.get(stage) or \
+                long + g.sample(short, min(len(short), int(replay * len(long))))
             perm = g.sample(idx, len(idx))
             batches += [(stage, perm[i:i + batch_size]) for i in range(0, len(perm), batch_size)]
     return batches
@@ -152,11 +159,12 @@ def main(a: Args):
         return videos[path]
 
     # 2. curriculum: short answers first, then long answers (SPEC 3)
-    batches = curriculum([e["answer_len"] for e in examples], a.long_answer_tokens, a.epochs_short,
-                         a.epochs_long, a.replay, a.batch_size, a.seed)
-    n_short = sum(stage == "short" for stage, _ in batches)
-    print(f"sft: {len(examples)} examples, {len(batches)} steps ({n_short} short-answer, "
-          f"{len(batches) - n_short} long-answer), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    batches = curriculum([e["answer_len"] for e in examples], [e["video"] is None for e in examples],
+                         a.long_answer_tokens, a.epochs_text, a.epochs_short, a.epochs_long, a.replay,
+                         a.batch_size, a.seed)
+    n_stage = {s: sum(stage == s for stage, _ in batches) for s in ("text", "short", "long")}
+    print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -203,7 +211,7 @@ def main(a: Args):
             f.write(json.dumps(rec) + "\n")
         bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         bar.update()
-        if step == n_short or step == len(batches):
+        if step == len(batches) or batches[step][0] != stage:
             bar.write(f"sft: stage {stage} done at step {step}, mean loss of its last 50 steps "
                       f"{sum(stage_loss[-50:]) / len(stage_loss[-50:]):.4f}")
         if step % a.save_every == 0 and step < len(batches):
