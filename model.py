@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -530,6 +531,17 @@ def save_pretrained(model: VideoLLM, path: str, extra_config: dict | None = None
     with open(os.path.join(path, "config.json.tmp"), "w") as f:
         json.dump({**model.cfg.to_dict(), "extra": extra_config or {}}, f, indent=2)
     os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+
+
+def save_checkpoint(model: VideoLLM, tok, path: str, extra_config: dict | None = None):
+    """A stage's final checkpoint folder: tokenizer files + model.safetensors + config.json, written under
+    `path`.tmp and renamed when complete, so `path` is either absent or whole (an interrupted save is redone)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    save_pretrained(model, tmp, extra_config)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def load_config(path: str) -> tuple[VLMConfig, dict]:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -385,12 +384,7 @@ def main(a: Args):
 
     # 6. save the policy (LoRA merged): tokenizer first, model.safetensors, config.json last (= complete)
     final = os.path.join(a.out, "model")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    M.save_pretrained(policy, tmp, extra_config={"stage": "ppo"})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    M.save_checkpoint(policy, tok, final, extra_config={"stage": "ppo"})
     if os.path.exists(resume_file):
         os.remove(resume_file)
     print(f"ppo: saved {final} ({it} iterations)")

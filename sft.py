@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -221,12 +220,7 @@ def main(a: Args):
 
     # 4. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
     final = os.path.join(a.out, "model")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    M.save_pretrained(model, tmp, extra_config={"stage": "sft"})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    M.save_checkpoint(model, tok, final, extra_config={"stage": "sft"})
     if os.path.exists(resume_file):
         os.remove(resume_file)
     print(f"sft: saved {final} ({step} steps, {time.time() - t0:.0f}s this session)")

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -247,13 +246,8 @@ def main(a: Args):
 
     # 6. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
     final = out / "model"
-    tmp = Path(f"{final}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    M.save_pretrained(model, str(tmp), extra_config={"stage": "rm", "score_mean": mean, "score_std": std,
-                                                     "prompt": "rm_suffix"})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    M.save_checkpoint(model, tok, str(final), extra_config={"stage": "rm", "score_mean": mean, "score_std": std,
+                                                            "prompt": "rm_suffix"})
     if resume_file.exists():
         os.remove(resume_file)
     last = evals[-1]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import data
+from conftest import tiny_world
 import eval as ev
-from model import LLMConfig, VideoLLM, VisionConfig, VLMConfig, save_pretrained
+from model import VideoLLM
 
 torch.set_num_threads(1)  # tiny tensors: threads only add sync overhead
 
@@ -66,22 +67,12 @@ def test_model_name_merge_and_cli():
 def world(tmp_path_factory):
     """A tiny generated world and a random checkpoint with the world's tokenizer."""
     root = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=3, n_rl=2, n_eval=3, n_text=20, vocab_size=300))
-    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
-    torch.manual_seed(0)
-    cfg = VLMConfig(vision=VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
-                                        intermediate_size=64),
-                    llm=LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=48),
-                    num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    save_pretrained(VideoLLM(cfg), str(root / "ckpt"))
-    tok.save_pretrained(str(root / "ckpt"))
+    tok = tiny_world(root, n_sft=3, n_rl=2, n_eval=3, vocab_size=300)
     return root
 
 
 def test_end_to_end_two_models_merge_and_batching(world):
-    shapes, ckpt, out = world / "shapes", str(world / "ckpt"), world / "eval"
+    shapes, ckpt, out = world / "shapes", str(world / "sft"), world / "eval"
     base = dict(data=str(shapes / "eval.jsonl"), prior_data=str(shapes / "sft.jsonl"), out=str(out),
                 max_new_tokens=6, limit=12, device="cpu")
     res = ev.main(ev.Args(models=[f"a={ckpt}", f"b={ckpt}"], batch_size=5, **base))
@@ -115,7 +106,7 @@ def test_end_to_end_two_models_merge_and_batching(world):
 
 
 def test_sampling_is_seeded(world):
-    shapes, ckpt = world / "shapes", str(world / "ckpt")
+    shapes, ckpt = world / "shapes", str(world / "sft")
     runs = [ev.main(ev.Args(models=[f"s={ckpt}"], data=str(shapes / "eval.jsonl"), prior_data=str(shapes / "sft.jsonl"),
                             out=str(world / f"sampled{i}"), temperature=0.2, max_new_tokens=4, limit=6, device="cpu"))
             for i in range(2)]
@@ -126,7 +117,7 @@ def test_sampling_is_seeded(world):
 
 def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
     """A stand-in model that always replies ' green</s> blue': the prediction is 'green', right on green questions."""
-    tok = data.load_tokenizer(str(world / "ckpt"))
+    tok = data.load_tokenizer(str(world / "sft"))
     green, blue = (tok(w, add_special_tokens=False).input_ids for w in (" green", " blue"))
     reply = green + [tok.eos_token_id] + blue
 
@@ -136,7 +127,7 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
 
     monkeypatch.setattr(VideoLLM, "generate", fake_generate)
     shapes = world / "shapes"
-    ev.main(ev.Args(models=[f"green={world / 'ckpt'}"], data=str(shapes / "eval.jsonl"),
+    ev.main(ev.Args(models=[f"green={world / 'sft'}"], data=str(shapes / "eval.jsonl"),
                     prior_data=str(shapes / "sft.jsonl"), out=str(world / "fake"), limit=12, device="cpu"))
     preds = [json.loads(line) for line in (world / "fake" / "predictions_green.jsonl").read_text().splitlines()]
     assert {p["prediction"] for p in preds} == {"green"}

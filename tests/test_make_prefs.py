@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import data
+from conftest import tiny_world
 import make_prefs as mp
-from model import LLMConfig, VideoLLM, VisionConfig, VLMConfig, save_pretrained
 
 torch.set_num_threads(1)
 
@@ -18,17 +18,7 @@ torch.set_num_threads(1)
 def world(tmp_path_factory):
     """A tiny world (3 rl videos, 6 prompts) and a random policy checkpoint with the world's tokenizer."""
     root = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=4, n_rl=3, n_eval=2, n_text=20, vocab_size=400))
-    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
-    torch.manual_seed(0)
-    cfg = VLMConfig(vision=VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
-                                        intermediate_size=64),
-                    llm=LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  intermediate_size=48),
-                    num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    save_pretrained(VideoLLM(cfg), str(root / "sft"))
-    tok.save_pretrained(str(root / "sft"))
+    tok = tiny_world(root, n_sft=4, n_rl=3, n_eval=2)
     return root
 
 

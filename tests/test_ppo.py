@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import tiny_world
 import model as M
 import ppo
 
@@ -131,17 +132,7 @@ def test_adaptive_kl_coef_and_prompt_order():
 def world(tmp_path_factory):
     """A tiny world, a random policy with its tokenizer (the 'SFT' checkpoint) and an RM made from it."""
     root = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=2, n_rl=3, n_eval=1, n_text=20, vocab_size=300))
-    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
-    torch.manual_seed(0)
-    cfg = M.VLMConfig(vision=M.VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
-                                            intermediate_size=64),
-                      llm=M.LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                      intermediate_size=48),
-                      num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO),
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    M.save_pretrained(M.VideoLLM(cfg), str(root / "sft"))
-    tok.save_pretrained(str(root / "sft"))
+    tok = tiny_world(root, n_sft=2, n_rl=3, n_eval=1, vocab_size=300)
     rm = M.load_pretrained(str(root / "sft"), kind="policy", new_head="reward")
     M.save_pretrained(rm, str(root / "rm"), extra_config={"score_mean": 0.5, "score_std": 2.0})
     tok.save_pretrained(str(root / "rm"))

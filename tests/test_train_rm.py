@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+from conftest import tiny_world
 import model as M
 import train_rm as rm
 
@@ -19,17 +20,7 @@ def world(tmp_path_factory):
     """A tiny world, a random SFT checkpoint, and a prefs folder (prefs.jsonl + oracle.jsonl) made by hand:
     the true answer against a perturbed one, in random positions, as make_prefs would write them."""
     root = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=4, n_rl=6, n_eval=2, n_text=20, vocab_size=400))
-    tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
-    torch.manual_seed(0)
-    cfg = M.VLMConfig(vision=M.VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
-                                            intermediate_size=64),
-                      llm=M.LLMConfig(vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                      intermediate_size=48),
-                      num_frames=4, video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    M.save_pretrained(M.VideoLLM(cfg), str(root / "sft"))
-    tok.save_pretrained(str(root / "sft"))
+    tok = tiny_world(root, n_sft=4, n_rl=6, n_eval=2)
     rng, prefs, oracle = random.Random(0), [], []
     truth = {r["id"]: r["answer"] for _, r in data.read_records(root / "shapes" / "truth" / "rl_answers.jsonl")}
     for i, (_, p) in enumerate(data.read_records(root / "shapes" / "rl.jsonl")):
