@@ -40,10 +40,10 @@ class Args:
     image_size: int = 48  # frames are resized to this (the world renders 48x48; CLIP-L/14-336 uses 336)
     patch: int = 12  # ViT patch size: (48 / 12)^2 = 16 spatial tokens
     frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16)
-    lm_text: bool = False  # text-only records train on every token (a stand-in for LLM pretraining; no gain measured yet)
+    lm_text: bool = True  # text-only records train on every token: with the warm-up, a stand-in for LLM pretraining (measured: README)
     system: str = "none"  # from scratch: "vicuna" = SPEC 2's system line, "none" = without (halves the tiny model's input; learned faster, measured)
     long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
-    epochs_text: int = 0  # warm-up passes over the text-only records before the curriculum (0 = SPEC 3 as is)
+    epochs_text: int = 3  # warm-up passes over the text-only records before the curriculum (0 = SPEC 3 as is)
     epochs_short: int = 2  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is tiny)
     epochs_long: int = 4  # passes over the long-answer stage
     replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
@@ -100,8 +100,10 @@ def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_s
     batches = []
     for stage, epochs in (("text", epochs_text), ("short", epochs_short), ("long", epochs_long)):
         for _ in range(epochs):
-            idx = {"text": text, "short": short}.get(stage) or \
-                long + g.sample(short, min(len(short), int(replay * len(long))))
+            if stage == "long":
+                idx = long + g.sample(short, min(len(short), int(replay * len(long))))
+            else:
+                idx = text if stage == "text" else short
             perm = g.sample(idx, len(idx))
             batches += [(stage, perm[i:i + batch_size]) for i in range(0, len(perm), batch_size)]
     return batches
