@@ -638,12 +638,14 @@ def parse_args(cls, argv=None, description=None):
     """Command line -> the dataclass `cls`: one --flag per field, its comment as help; lists take several
     values, booleans take true/false."""
     comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), re.M))
-    p = argparse.ArgumentParser(description=description or cls.__doc__)
+    p = argparse.ArgumentParser(description=(description or cls.__doc__ or "").replace("%", "%%"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = dict(nargs="*", type=type(default[0]) if default else str) if isinstance(default, list) else \
             dict(type=lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else dict(type=type(default))
-        p.add_argument(f"--{f.name}", default=default, help=comments.get(f.name), **kind)
+        help = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        p.add_argument(f"--{f.name}", default=default, help=help, **kind)
     return cls(**vars(p.parse_args(argv)))
 
 

@@ -219,3 +219,13 @@ def test_template_without_system_line(world):
     ids, labels = data.encode(tok, [("Q?", "A")], 3, system="")
     assert tok.decode(ids) == "<s>USER: Q? ASSISTANT: A</s>"
     assert data.encode(tok, [("Q?", "A")], 3)[0] == data.encode(tok, [("Q?", "A")], 3, system=data.SYSTEM)[0]
+
+
+@pytest.mark.parametrize("stage", ["sft", "eval", "make_prefs", "train_rm", "ppo"])
+def test_every_stage_cli_parses_and_has_help(stage, capsys):
+    module = __import__(stage)
+    with pytest.raises(SystemExit) as e:
+        data.parse_args(module.Args, ["--help"], description=module.__doc__)
+    assert e.value.code == 0 and "--seed" in capsys.readouterr().out
+    args = data.parse_args(module.Args, ["--seed", "3", "--resume", "true"] if stage != "eval" else ["--seed", "3"])
+    assert args.seed == 3 and (stage == "eval" or args.resume is True)
