@@ -239,6 +239,8 @@ def ppo_step(policy, value_model, opt, mb, a):
     # gets only its own loss's gradient; vf_coef matters through the joint gradient-norm clip (Adam
     # normalises per parameter), where it keeps early large value gradients from shrinking the policy step.
     loss = pg_loss + a.vf_coef * vf_loss
+    if not torch.isfinite(loss):  # stop before the update: resume.pt stays the last good state
+        raise SystemExit(f"ppo: non-finite loss; the last good state is {os.path.join(a.out, 'resume.pt')}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip)
