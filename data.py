@@ -540,17 +540,18 @@ class WorldArgs:
     vocab_size: int = 512
 
 
+def write_atomic(path, text):
+    """Write under a temporary name, then rename: a crash never leaves a torn file (every stage uses this)."""
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
 def _dump(path, rows):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _json(path, obj):
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _conv(id, video, q, a, **extra):

@@ -10,7 +10,6 @@ A 'prior' row answers the most frequent TRAINING answer of each question type, s
 Writes results.json (merged with any earlier run in --out), predictions_<name>.jsonl and config.json.
 """
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -124,12 +123,6 @@ def generate_answers(name, path, records, args):
     return answers
 
 
-def write_atomic(path, text):  # a crash never leaves a torn results file
-    tmp = f"{path}.tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the stage
 def main(args):
     torch.manual_seed(args.seed)
@@ -145,7 +138,7 @@ def main(args):
     # before any generation
     results_file = out / "results.json"
     merged = merge_results(json.loads(results_file.read_text()) if results_file.exists() else None, {}, settings)
-    write_atomic(out / "config.json", json.dumps(asdict(args), indent=1))
+    data.write_atomic(out / "config.json", json.dumps(asdict(args), indent=1))
 
     # 1. load the eval records and the prior's answers (most frequent per type in the TRAINING file)
     records = data.read_conversations(args.data)[:args.limit or None]
@@ -177,9 +170,9 @@ def main(args):
         rows = [{"id": r["id"], "type": t, "question": r["turns"][-1][0].replace(data.VIDEO, "").strip(),
                  "truth": y, "prediction": p, "score": s}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores[name])]
-        write_atomic(out / f"predictions_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        data.write_atomic(out / f"predictions_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     merged = merge_results(merged, results, settings)
-    write_atomic(results_file, json.dumps(merged, indent=1))
+    data.write_atomic(results_file, json.dumps(merged, indent=1))
     print("accuracy (%), describe = slot F1; overall = mean over types, micro = mean over questions")
     print(table(merged["models"]))
     print(f"wrote {results_file} and predictions_*.jsonl")

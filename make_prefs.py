@@ -168,11 +168,6 @@ def read_lines(path, keep=lambda r: True):
     return [r for line in open(path) if line.endswith("\n") and (r := json.loads(line)) and keep(r)]
 
 
-def write_atomic(path, text):
-    Path(f"{path}.tmp").write_text(text)
-    os.replace(f"{path}.tmp", path)
-
-
 def main(a: Args):
     torch.manual_seed(a.seed)
     out = Path(a.out)
@@ -187,7 +182,7 @@ def main(a: Args):
             diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
             raise ValueError(f"{out}: the run there used other arguments {diff} (old, new); resume with the same "
                              "ones or use another --out")
-    write_atomic(out / "config.json", json.dumps(asdict(a), indent=1))
+    data.write_atomic(out / "config.json", json.dumps(asdict(a), indent=1))
 
     prompts = data.read_prompts(a.prompts)[:a.limit or None]
     ids = [p["id"] for p in prompts]
@@ -217,7 +212,7 @@ def main(a: Args):
     kept_ids = {p["id"] for b in done for p in batches[b]}
     for name, path in files.items():
         keep = (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids)
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_lines(path, keep)))
+        data.write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_lines(path, keep)))
     print(f"make_prefs: {len(prompts)} prompts in {len(batches)} batches ({len(done)} done), K={a.k}, "
           f"context={a.context}, judge={a.judge or a.sft}" + ("" if truth else f"; no {truth_file}: no oracle stats"))
 
@@ -300,9 +295,9 @@ def main(a: Args):
 
     # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
     prefs = read_lines(files["prefs"])
-    write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
+    data.write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
     s = summarize(prefs, read_lines(files["oracle"]) if truth is not None else None, read_lines(files["metrics"]))
-    write_atomic(out / "summary.json", json.dumps(s, indent=1))
+    data.write_atomic(out / "summary.json", json.dumps(s, indent=1))
     agree = "no oracle" if truth is None or s["agreement"] is None else \
         f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"
     print(f"make_prefs: {s['n_pairs']} pairs from {s['n_prompts']} prompts ({s['n_dropped_identical']} identical "

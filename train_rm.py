@@ -107,18 +107,13 @@ def pct(x):
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def write_atomic(path, text):
-    Path(f"{path}.tmp").write_text(text)
-    os.replace(f"{path}.tmp", path)
-
-
 def main(a: Args):
     torch.manual_seed(a.seed)  # the new head's initialisation
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.epochs < 1 or a.batch_size < 1:
         raise ValueError(f"--epochs and --batch_size must be >= 1, got {a.epochs} and {a.batch_size}")
-    write_atomic(out / "config.json", json.dumps(asdict(a), indent=2))
+    data.write_atomic(out / "config.json", json.dumps(asdict(a), indent=2))
     tok = data.load_tokenizer(a.sft)
     model = M.load_pretrained(a.sft, kind="policy", new_head="reward").to(a.device)
     cfg = model.cfg
@@ -254,7 +249,7 @@ def main(a: Args):
     summary = {**{k: last[k] for k in ("n_heldout", "heldout_acc", "n_oracle", "heldout_oracle_agreement")},
                "n_train": len(train), "n_below_confidence": len(train_all) - len(train), "steps": step,
                "score_mean": mean, "score_std": std, "seconds_this_session": round(time.time() - t0, 1)}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    data.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(f"train_rm: saved {final} ({step} steps); held-out acc {pct(last['heldout_acc'])}, oracle agreement "
           f"{pct(last['heldout_oracle_agreement'])}; scores mean {mean:.3f} std {std:.3f} on {len(all_scores)} SFT answers")
     return summary
