@@ -106,7 +106,7 @@ def generate_answers(name, path, records, args):
         raise ValueError(f"{path}: tokenizer (bos, eos, pad, video) = {ids_tok}, {len(tok)} tokens does not match "
                          f"the model's {ids_cfg}, vocab {cfg.llm.vocab_size}")
     generator = torch.Generator(args.device).manual_seed(args.seed)  # same stream for every model
-    answers = []
+    answers, decoded = [], {}  # decoded: video path -> frames
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
         batch = records[i:i + args.batch_size]
         # earlier turns (if any) are context; the last question is asked, its answer is the truth
@@ -114,7 +114,10 @@ def generate_answers(name, path, records, args):
                    for r in batch]
         ids = data.pad(prompts, cfg.pad_token_id, left=True)  # left: generation continues every row (SPEC 5)
         mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: correct whatever ids hold
-        videos = torch.stack([data.load_video(r["video"], cfg.num_frames, cfg.vision.image_size) for r in batch])
+        for r in batch:  # several questions share a video: decode each once
+            if r["video"] not in decoded:
+                decoded[r["video"]] = data.load_video(r["video"], cfg.num_frames, cfg.vision.image_size)
+        videos = torch.stack([decoded[r["video"]] for r in batch])
         resp, _ = model.generate(ids.to(args.device), mask.to(args.device), videos.to(args.device),
                                  args.max_new_tokens, args.temperature, generator=generator)
         for row in resp.tolist():
