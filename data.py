@@ -13,6 +13,7 @@ import os
 import random
 import re
 import string
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -352,6 +353,16 @@ def load_tokenizer(path):
     return tok
 
 
+def check_tokenizer(tok, cfg, path):
+    """A tokenizer must match the checkpoint it is used with (cfg: its model.VLMConfig): prompts built with
+    other special ids would splice the video at the wrong tokens and never stop."""
+    ids_tok = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(VIDEO))
+    ids_cfg = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.video_token_id)
+    if ids_tok != ids_cfg or len(tok) > cfg.llm.vocab_size:
+        raise ValueError(f"{path}: tokenizer (bos, eos, pad, video) = {ids_tok}, {len(tok)} tokens does not match "
+                         f"the model's {ids_cfg}, vocab {cfg.llm.vocab_size}")
+
+
 # ----------------------------------------------------------------------------- videos
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -396,6 +407,19 @@ def _uniform(n, k, span):
     """k frame indices spread evenly over frames [span[0] * n, span[1] * n) of an n-frame video."""
     first, last = int(span[0] * n), max(int(span[0] * n), math.ceil(span[1] * n) - 1)
     return np.linspace(first, min(last, n - 1), k).round().astype(int)
+
+
+def load_videos(records, num_frames, size, source):
+    """{str(video): (F, 3, H, W)} for the records' videos, each decoded once and up front, so a corrupt or empty
+    video fails before a stage writes anything (the tiny world's videos fit in memory; a real set would stream)."""
+    out = {}
+    for r in records:
+        if r.get("video") is not None and str(r["video"]) not in out:
+            try:
+                out[str(r["video"])] = load_video(r["video"], num_frames, size)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{source}: record {r.get('id')}: {e}") from None
+    return out
 
 
 def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
@@ -447,12 +471,16 @@ def _need(path, n, r, keys, what):
         raise ValueError(f"{path}:{n}: {what} record lacks {', '.join(map(repr, missing))}; has {sorted(r)}")
 
 
-def _video_path(r, root):
-    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under root."""
+def _video_path(r, root, path, n):
+    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under root;
+    checked to exist here, so a stage fails on a missing video before it writes anything."""
     v = r.get("video") or r.get("images")
     if v is None:
         return None
-    return [str(Path(root, f)) for f in v] if isinstance(v, list) else str(Path(root, v))
+    v = [str(Path(root, f)) for f in v] if isinstance(v, list) else str(Path(root, v))
+    if missing := next((f for f in (v if isinstance(v, list) else [v]) if not os.path.exists(f)), None):
+        raise FileNotFoundError(f"{path}:{n}: video {missing} not found (video paths are relative to {root})")
+    return v
 
 
 def read_conversations(path, video_root=None):
@@ -469,7 +497,7 @@ def read_conversations(path, video_root=None):
         if any(not isinstance(c.get("value"), str) or not c["value"].strip() for c in conv):
             raise ValueError(f"{path}:{n}: every turn needs a non-empty string 'value'")
         turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
-        video = _video_path(r, root)
+        video = _video_path(r, root, path, n)
         has_tag = any(t in turns[0][0] for t in (VIDEO, "<image>"))
         if video and not has_tag:  # LLaVA puts the placeholder in the first human turn; add it if absent
             turns[0] = (f"{VIDEO}\n{turns[0][0]}", turns[0][1])
@@ -486,7 +514,7 @@ def read_prompts(path, video_root=None):
     out = []
     for n, r in read_records(path):
         _need(path, n, r, ["id", "video", "question"], "prompt")
-        out.append({**r, "video": str(Path(root, r["video"]))})
+        out.append({**r, "video": _video_path(r, root, path, n)})
     return out
 
 
@@ -505,7 +533,7 @@ def read_prefs(path, video_root=None):
             raise ValueError(f"{path}:{n}: preference must be 1 or 2, got {r['preference']!r}")
         if r.get("video") is None and not r.get("images"):
             raise ValueError(f"{path}:{n}: preference record lacks 'video' (or 'images'); has {sorted(r)}")
-        out.append({**r, "video": _video_path(r, root)})
+        out.append({**r, "video": _video_path(r, root, path, n)})
     return out
 
 
@@ -648,6 +676,45 @@ def parse_args(cls, argv=None, description=None):
         help = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         p.add_argument(f"--{f.name}", default=default, help=help, **kind)
     return cls(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- run folders and the command line
+def read_log(path, keep=lambda r: True):
+    """The complete JSON lines of an append-only log (a torn last line, left by a killed run, is skipped)."""
+    if not os.path.exists(path):
+        return []
+    return [r for line in open(path) if line.endswith("\n") and keep(r := json.loads(line))]
+
+
+def trim_log(path, keep):
+    """Rewrite a log with only the lines `keep` accepts, atomically: on resume, the lines written after the
+    resume point are dropped (they are written again), and a fresh run starts from an empty log."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_log(path, keep)))
+
+
+def start_run(out, args, resume):
+    """Create the run folder and write config.json (the arguments). Stages call this once their inputs are
+    checked, so bad input leaves no output. A resumed run must use the arguments of the run it continues."""
+    out, same = Path(out), lambda d: {k: v for k, v in d.items() if k not in ("resume", "device", "out")}
+    if resume and (out / "config.json").exists():
+        old, new = same(json.loads((out / "config.json").read_text())), same(asdict(args))
+        if diff := {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}:
+            raise ValueError(f"{out}: the run there used other arguments {diff} (old, new); resume with the same "
+                             "ones or use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.json", json.dumps(asdict(args), indent=1))
+
+
+def cli(main, cls, description=None, argv=None):
+    """A stage's command line: parse the arguments and run main. Bad input (a ValueError or OSError: a
+    malformed or missing file, a wrong checkpoint, a full disk) ends the stage with exit status 1 and ONE
+    line `<stage>: error: <what, where>` instead of a traceback."""
+    args = parse_args(cls, argv, description)
+    try:
+        return main(args)
+    except (ValueError, OSError) as e:
+        stage = Path(sys.modules[main.__module__].__file__).stem
+        raise SystemExit(f"{stage}: error: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

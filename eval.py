@@ -12,7 +12,7 @@ Writes results.json (merged with any earlier run in --out), predictions_<name>.j
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,12 +99,7 @@ def model_name(spec):
 def generate_answers(name, path, records, args):
     model = load_pretrained(path, kind="policy").to(args.device).eval()
     tok, cfg = data.load_tokenizer(path), model.cfg
-    # prompts built with the wrong special ids would splice the video at the wrong tokens and never stop
-    ids_tok = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(data.VIDEO))
-    ids_cfg = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.video_token_id)
-    if ids_tok != ids_cfg or len(tok) > cfg.llm.vocab_size:
-        raise ValueError(f"{path}: tokenizer (bos, eos, pad, video) = {ids_tok}, {len(tok)} tokens does not match "
-                         f"the model's {ids_cfg}, vocab {cfg.llm.vocab_size}")
+    data.check_tokenizer(tok, cfg, path)
     generator = torch.Generator(args.device).manual_seed(args.seed)  # same stream for every model
     answers, decoded = [], {}  # decoded: video path -> frames
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
@@ -130,7 +125,6 @@ def generate_answers(name, path, records, args):
 def main(args):
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     named = dict(model_name(s) for s in args.models)
     if len(named) < len(args.models) or "prior" in named:
         raise ValueError(f"model names must be unique and not 'prior': {list(map(model_name, args.models))}; "
@@ -141,7 +135,6 @@ def main(args):
     # before any generation
     results_file = out / "results.json"
     merged = merge_results(json.loads(results_file.read_text()) if results_file.exists() else None, {}, settings)
-    data.write_atomic(out / "config.json", json.dumps(asdict(args), indent=1))
 
     # 1. load the eval records and the prior's answers (most frequent per type in the TRAINING file)
     records = data.read_conversations(args.data)[:args.limit or None]
@@ -169,6 +162,8 @@ def main(args):
               f"(micro {100 * results[name]['accuracy_micro']:.1f}%)")
 
     # 4. report: predictions per model, results merged with earlier runs in --out, one table of all of them
+    # (nothing is written before this point: an eval that fails leaves no output)
+    data.start_run(out, args, resume=False)
     for name, preds in answers.items():
         rows = [{"id": r["id"], "type": t, "question": r["turns"][-1][0].replace(data.VIDEO, "").strip(),
                  "truth": y, "prediction": p, "score": s}
@@ -183,4 +178,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(data.parse_args(Args, description=__doc__))
+    data.cli(main, Args, __doc__)

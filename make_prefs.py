@@ -14,7 +14,7 @@ MEASUREMENT only, oracle.jsonl (which answer the ground truth prefers) and summa
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,15 +108,6 @@ def summarize(prefs, oracle, metrics):
 
 
 # ----------------------------------------------------------------------------- model calls
-def check_tokenizer(tok, cfg, path):
-    """Prompts built with other special ids would splice the video at the wrong tokens and never stop."""
-    ids_tok = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(data.VIDEO))
-    ids_cfg = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.video_token_id)
-    if ids_tok != ids_cfg or len(tok) > cfg.llm.vocab_size:
-        raise ValueError(f"{path}: tokenizer (bos, eos, pad, video) = {ids_tok}, {len(tok)} tokens does not match "
-                         f"the model's {ids_cfg}, vocab {cfg.llm.vocab_size}")
-
-
 def answer_token_ids(tok, path):
     """Ids of " A" and " B": the judge was trained to reply " A" or " B" then EOS (data.encode prepends the
     space), so its verdict is in the logits of these two tokens at the first assistant position."""
@@ -161,29 +152,12 @@ def append(path, rows):
         os.fsync(f.fileno())
 
 
-def read_lines(path, keep=lambda r: True):
-    """Complete JSON lines of an append-only file (a torn last line, left by a crash, is skipped)."""
-    if not os.path.exists(path):
-        return []
-    return [r for line in open(path) if line.endswith("\n") and (r := json.loads(line)) and keep(r)]
-
-
 def main(a: Args):
     torch.manual_seed(a.seed)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     files = {k: out / f"{k}.jsonl" for k in ("prefs", "oracle", "metrics")}
     if a.context not in ("gt", "self", "none") or a.k < 2 or a.k % 2:
         raise ValueError(f"--context must be gt|self|none (got {a.context!r}) and --k even >= 2 (got {a.k})")
-    config = {k: v for k, v in asdict(a).items() if k != "resume"}
-    if a.resume and (out / "config.json").exists():
-        old = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "resume"}
-        if old != config:
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            raise ValueError(f"{out}: the run there used other arguments {diff} (old, new); resume with the same "
-                             "ones or use another --out")
-    data.write_atomic(out / "config.json", json.dumps(asdict(a), indent=1))
-
     prompts = data.read_prompts(a.prompts)[:a.limit or None]
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
@@ -198,21 +172,21 @@ def main(a: Args):
 
     policy = M.load_pretrained(a.sft, kind="policy").to(a.device).eval()
     tok = data.load_tokenizer(a.sft)
-    check_tokenizer(tok, policy.cfg, a.sft)
+    data.check_tokenizer(tok, policy.cfg, a.sft)
     judge, jtok = policy, tok
     if a.judge:
         judge, jtok = M.load_pretrained(a.judge, kind="policy").to(a.device).eval(), data.load_tokenizer(a.judge)
-        check_tokenizer(jtok, judge.cfg, a.judge)
+        data.check_tokenizer(jtok, judge.cfg, a.judge)
     ab = answer_token_ids(jtok, a.judge or a.sft)
+    data.start_run(out, a, a.resume)  # the inputs are good (videos are checked to exist): write the run folder
 
     # resume: a batch is done when its metrics line exists (written after its pairs); lines of other batches
     # are what an interrupted batch left behind and are dropped, then that batch runs again from its seed
     batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
-    done = {m["batch"] for m in read_lines(files["metrics"])} if a.resume else set()
+    done = {m["batch"] for m in data.read_log(files["metrics"])} if a.resume else set()
     kept_ids = {p["id"] for b in done for p in batches[b]}
     for name, path in files.items():
-        keep = (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids)
-        data.write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_lines(path, keep)))
+        data.trim_log(path, (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids))
     print(f"make_prefs: {len(prompts)} prompts in {len(batches)} batches ({len(done)} done), K={a.k}, "
           f"context={a.context}, judge={a.judge or a.sft}" + ("" if truth else f"; no {truth_file}: no oracle stats"))
 
@@ -294,9 +268,9 @@ def main(a: Args):
     bar.close()
 
     # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
-    prefs = read_lines(files["prefs"])
+    prefs = data.read_log(files["prefs"])
     data.write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
-    s = summarize(prefs, read_lines(files["oracle"]) if truth is not None else None, read_lines(files["metrics"]))
+    s = summarize(prefs, data.read_log(files["oracle"]) if truth is not None else None, data.read_log(files["metrics"]))
     data.write_atomic(out / "summary.json", json.dumps(s, indent=1))
     agree = "no oracle" if truth is None or s["agreement"] is None else \
         f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"
@@ -307,4 +281,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    main(data.parse_args(Args, description=__doc__))
+    data.cli(main, Args, __doc__)

@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +240,9 @@ def ppo_step(policy, value_model, opt, mb, a):
     # normalises per parameter), where it keeps early large value gradients from shrinking the policy step.
     loss = pg_loss + a.vf_coef * vf_loss
     if not torch.isfinite(loss):  # stop before the update: resume.pt stays the last good state
-        raise SystemExit(f"ppo: non-finite loss; the last good state is {os.path.join(a.out, 'resume.pt')}")
+        last = os.path.join(a.out, "resume.pt")
+        raise SystemExit(f"ppo: non-finite loss; the last good state is "
+                         f"{last if os.path.exists(last) else 'none (no resume point yet)'}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip)
@@ -252,8 +254,6 @@ def ppo_step(policy, value_model, opt, mb, a):
 def main(a: Args):
     torch.manual_seed(a.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.makedirs(a.out, exist_ok=True)
-    json.dump(asdict(a), open(os.path.join(a.out, "config.json"), "w"), indent=2)
     tok = data.load_tokenizer(a.sft)
 
     # the four models (SPEC 3); none has dropout (model.py), eval() is for the record
@@ -266,8 +266,9 @@ def main(a: Args):
     score_mean, score_std = extra["score_mean"], extra["score_std"]  # of the RM's scores on its training data
     same = lambda c: (c.num_frames, c.vision.image_size, c.n_video_tokens, c.video_token_id, c.pad_token_id,
                       c.eos_token_id)  # the four models read the same videos and token ids
-    if same(reward_model.cfg) != same(policy.cfg) or (tok.pad_token_id, tok.eos_token_id) != same(policy.cfg)[-2:]:
-        raise ValueError(f"{a.sft}, {a.rm} and the tokenizer disagree on frames, video tokens or special tokens")
+    data.check_tokenizer(tok, policy.cfg, a.sft)
+    if same(reward_model.cfg) != same(policy.cfg):
+        raise ValueError(f"{a.sft} and {a.rm} disagree on frames, video tokens or special tokens")
     if a.lora_r:
         ref = None  # the policy with its adapters off
         M.add_lora(policy, a.lora_r, a.lora_alpha)
@@ -278,17 +279,15 @@ def main(a: Args):
         m.to(device).eval()
     cfg = policy.cfg
 
-    # the prompts: every query tokenized once; videos decoded on first use and kept (the tiny world fits)
+    # the prompts: every query tokenized once, every video decoded once (bad input fails before any output)
     prompts = data.read_prompts(a.prompts, a.video_root or None)
+    if not prompts:
+        raise ValueError(f"{a.prompts}: no prompts")
     queries = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], cfg.n_video_tokens, system=cfg.system)[0]
                for p in prompts]
     suffix = data.rm_suffix(tok)
-    videos = {}
-
-    def load(path):
-        if path not in videos:
-            videos[path] = data.load_video(path, cfg.num_frames, cfg.vision.image_size)
-        return videos[path]
+    videos = data.load_videos(prompts, cfg.num_frames, cfg.vision.image_size, a.prompts)
+    data.start_run(a.out, a, a.resume)
 
     batches = prompt_batches(len(prompts), a.rollout_batch, a.iterations, a.seed)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -307,10 +306,8 @@ def main(a: Args):
         it, kl_coef = state["iteration"], state["kl_coef"]
         print(f"resumed from {resume_file} at iteration {it}")
     logs = {name: os.path.join(a.out, name) for name in ("metrics.jsonl", "samples.jsonl")}
-    for path in logs.values():  # lines of iterations after the resume point would be written twice: drop them
-        kept = open(path).readlines() if a.resume and os.path.exists(path) else []
-        with open(path, "w") as f:
-            f.writelines(l for l in kept if json.loads(l)["iteration"] <= it)
+    for path in logs.values():  # iterations after the resume point run again: their lines are dropped
+        data.trim_log(path, lambda r: r["iteration"] <= it)
 
     bar = tqdm(total=a.iterations, initial=it, desc="ppo", dynamic_ncols=True)
     while it < a.iterations:
@@ -322,7 +319,7 @@ def main(a: Args):
 
         # 1. rollout
         query_ids = [queries[i] for i in idx]
-        vids = torch.stack([load(prompts[i]["video"]) for i in idx]).to(device)  # (B, F, 3, H, W)
+        vids = torch.stack([videos[str(prompts[i]["video"])] for i in idx]).to(device)  # (B, F, 3, H, W)
         batch = rollout(policy, ref, value_model, query_ids, vids, a, gen)
         mask = batch["mask"]  # (B, N)
 
@@ -393,4 +390,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    main(data.parse_args(Args, description=__doc__))
+    data.cli(main, Args, __doc__)

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +74,7 @@ def build_model(a: Args, tok) -> M.VideoLLM:
         return M.VideoLLM(M.VLMConfig(vision=vision, llm=llm, num_frames=a.frames, system=system, **ids))
     if "llm" in json.load(open(os.path.join(a.init, "config.json"))):  # one of our checkpoints
         m = M.load_pretrained(a.init, kind="policy")
-        found = {k: getattr(m.cfg, k) for k in ids}
-        if found != ids:
-            raise ValueError(f"tokenizer {a.tokenizer or a.init} does not match checkpoint {a.init}: "
-                             f"special token ids {ids} vs {found}")
+        data.check_tokenizer(tok, m.cfg, a.tokenizer or a.init)
         return m
     m = M.VideoLLM.from_hf(a.init, a.vision or None, a.projector or None, num_frames=a.frames, **ids)
     return M.resize_vocab(m, len(tok))  # room for the added <video> / <pad> tokens
@@ -129,8 +126,6 @@ def sft_loss(model, ids, mask, labels, videos):
 def main(a: Args):
     torch.manual_seed(a.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.makedirs(a.out, exist_ok=True)
-    json.dump(asdict(a), open(os.path.join(a.out, "config.json"), "w"), indent=2)
     tok = data.load_tokenizer(a.tokenizer or a.init)
     model = build_model(a, tok).to(device)
     cfg = model.cfg
@@ -140,24 +135,25 @@ def main(a: Args):
         M.add_lora(model, a.lora_r, a.lora_alpha)
         model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
 
-    # 1. data: every conversation tokenized once, with its loss mask
-    examples = []
+    # 1. data: every conversation tokenized once, with its loss mask; every video decoded once (bad input
+    # fails here, before anything is written)
+    examples, videos = [], {}  # videos: path -> (F, 3, H, W)
+    max_len = min(a.max_len, cfg.llm.max_position_embeddings)  # longer answers are cut (data.encode)
     for path in a.train:
-        for r in data.read_conversations(path, a.video_root or None):
+        records = data.read_conversations(path, a.video_root or None)
+        videos.update(data.load_videos(records, cfg.num_frames, cfg.vision.image_size, path))
+        for r in records:
             try:
-                ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, a.max_len, cfg.system)
+                ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, max_len, cfg.system)
             except ValueError as e:
                 raise ValueError(f"{path}: record {r['id']}: {e}") from None
             answer_len = sum(l != -100 for l in labels)
             if a.lm_text and r["video"] is None:  # every token carries loss: the LLM pretraining SPEC 2 assumes
                 labels = [-100] + ids[1:]
             examples.append({"ids": ids, "labels": labels, "video": r["video"], "answer_len": answer_len})
-    videos = {}  # path -> (F, 3, H, W); the tiny world's videos all fit in memory
-
-    def load(path):
-        if path not in videos:
-            videos[path] = data.load_video(path, cfg.num_frames, cfg.vision.image_size)
-        return videos[path]
+    if not examples:
+        raise ValueError(f"{', '.join(a.train)}: no training records")
+    data.start_run(a.out, a, a.resume)
 
     # 2. curriculum: short answers first, then long answers (SPEC 3)
     batches = curriculum([e["answer_len"] for e in examples], [e["video"] is None for e in examples],
@@ -176,10 +172,7 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
-    # metrics of steps after the resume point would be written twice: drop them
-    kept = [l for l in open(metrics_file)] if a.resume and os.path.exists(metrics_file) else []
-    with open(metrics_file, "w") as f:
-        f.writelines(l for l in kept if json.loads(l)["step"] <= step)
+    data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 
     # 3. train
     model.train()
@@ -191,13 +184,14 @@ def main(a: Args):
         ids = data.pad([e["ids"] for e in batch], tok.pad_token_id).to(device)
         labels = data.pad([e["labels"] for e in batch], -100).to(device)
         mask = data.pad([[1] * len(e["ids"]) for e in batch], 0).to(device)
-        vids = [load(e["video"]) for e in batch if e["video"]]
+        vids = [videos[str(e["video"])] for e in batch if e["video"]]
         vids = torch.stack(vids).to(device) if vids else None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)
         loss, n = sft_loss(model, ids, mask, labels, vids)
         if not torch.isfinite(loss):
-            raise SystemExit(f"sft: non-finite loss at step {step}; the last good state is {resume_file}")
+            raise SystemExit(f"sft: non-finite loss at step {step}; the last good state is "
+                             f"{resume_file if os.path.exists(resume_file) else 'none (no resume point yet)'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
@@ -229,4 +223,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    main(data.parse_args(Args, description=__doc__))
+    data.cli(main, Args, __doc__)

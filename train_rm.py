@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -110,13 +110,12 @@ def pct(x):
 def main(a: Args):
     torch.manual_seed(a.seed)  # the new head's initialisation
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     if a.epochs < 1 or a.batch_size < 1:
         raise ValueError(f"--epochs and --batch_size must be >= 1, got {a.epochs} and {a.batch_size}")
-    data.write_atomic(out / "config.json", json.dumps(asdict(a), indent=2))
     tok = data.load_tokenizer(a.sft)
     model = M.load_pretrained(a.sft, kind="policy", new_head="reward").to(a.device)
     cfg = model.cfg
+    data.check_tokenizer(tok, cfg, a.sft)
     if a.lora_r:
         M.add_lora(model, a.lora_r, a.lora_alpha)
 
@@ -124,13 +123,10 @@ def main(a: Args):
     prefs = data.read_prefs(a.prefs, a.video_root or None)
     if not prefs:
         raise ValueError(f"{a.prefs}: no preference pairs")
-    for r in prefs:
-        if r.get("id") is None:
-            raise ValueError(f"{a.prefs}: a pair without 'id' (question {r['question']!r}); the held-out split "
-                             "groups pairs by their prompt id")
-        if not all(map(os.path.exists, r["video"] if isinstance(r["video"], list) else [r["video"]])):
-            raise FileNotFoundError(f"{a.prefs}: pair {r.get('id')}: video {r['video']} not found; --video_root "
-                                    f"({a.video_root!r}) must be the folder its video paths are relative to")
+    if (bad := next((r for r in prefs if r.get("id") is None), None)) is not None:
+        raise ValueError(f"{a.prefs}: a pair without 'id' (question {bad['question']!r}); the held-out split "
+                         "groups pairs by their prompt id")
+    videos = data.load_videos(prefs, cfg.num_frames, cfg.vision.image_size, a.prefs)  # path -> (F, 3, H, W)
     pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
               "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
               "seqs": [rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
@@ -149,13 +145,9 @@ def main(a: Args):
     if not train:
         raise ValueError(f"{a.prefs}: no training pairs left (min_confidence {a.min_confidence}, {len(heldout)} held out)")
     batches = batch_order(len(train), a.epochs, a.batch_size, a.seed)
-    videos = {}  # path -> (F, 3, H, W); the tiny world's videos all fit in memory
+    data.start_run(out, a, a.resume)  # the inputs are good: the run folder may be written now
 
     def load(ps):  # both answers of each pair see its video: rows ordered [answer_1s..., answer_2s...]
-        for p in ps:
-            key = str(p["video"])
-            if key not in videos:
-                videos[key] = data.load_video(p["video"], cfg.num_frames, cfg.vision.image_size)
         v = torch.stack([videos[str(p["video"])] for p in ps])
         return torch.cat([v, v]).to(a.device)
 
@@ -193,10 +185,7 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
-    # metrics of steps after the resume point would be written twice: drop them
-    kept = [l for l in open(metrics_file)] if a.resume and metrics_file.exists() else []
-    with open(metrics_file, "w") as f:
-        f.writelines(l for l in kept if json.loads(l)["step"] <= step)
+    data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 
     model.train()
     bar = tqdm(total=len(batches), initial=step, desc="rm", dynamic_ncols=True)
@@ -209,7 +198,8 @@ def main(a: Args):
         pref = torch.tensor([p["preference"] for p in b], device=r.device)
         loss = bt_loss(r1, r2, pref)
         if not torch.isfinite(loss):
-            raise SystemExit(f"train_rm: non-finite loss at step {step}; the last good state is {resume_file}")
+            raise SystemExit(f"train_rm: non-finite loss at step {step}; the last good state is "
+                             f"{resume_file if resume_file.exists() else 'none (no resume point yet)'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
@@ -256,4 +246,4 @@ def main(a: Args):
 
 
 if __name__ == "__main__":
-    main(data.parse_args(Args, description=__doc__))
+    data.cli(main, Args, __doc__)

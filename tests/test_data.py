@@ -89,6 +89,10 @@ def test_malformed_records_name_file_and_line(tmp_path):
     good = {"id": "a", "video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ"},
                                                            {"from": "gpt", "value": "A"}]}
     f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(good) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"bad.jsonl:1: video .*v.mp4 not found"):  # checked on reading
+        data.read_conversations(f)
+    (tmp_path / "v.mp4").touch()
     f.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
         data.read_conversations(f)
@@ -105,6 +109,9 @@ def test_malformed_records_name_file_and_line(tmp_path):
 
 
 def test_formats_accept_reference_layouts(tmp_path):
+    for name in ("fr/0.jpg", "fr/1.jpg", "v.mp4"):  # readers check that videos exist
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
     f = tmp_path / "ref.json"  # a JSON list, <image> placeholder, frames given as `images`
     f.write_text(json.dumps([{"id": "r", "images": ["fr/0.jpg", "fr/1.jpg"], "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "This."},

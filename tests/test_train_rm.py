@@ -91,7 +91,7 @@ def test_score_reads_last_real_token_whatever_the_padding(world):
 
 
 def test_video_root_must_match_the_prefs_paths(world, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"prefs.jsonl: pair rl_00000-0: video .* --video_root"):
+    with pytest.raises(FileNotFoundError, match=r"prefs.jsonl:1: video .*rl_00000.mp4 not found \(video paths are relative to"):
         rm.main(args(world, tmp_path, video_root=str(tmp_path)))
 
 
