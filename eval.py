@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import load_pretrained
+from model import gather, init_distributed, load_pretrained
 
 
 @dataclass
@@ -124,6 +124,9 @@ def generate_answers(name, path, records, args):
 # ----------------------------------------------------------------------------- the stage
 def main(args):
     torch.manual_seed(args.seed)
+    rank, world, device = init_distributed()  # torchrun: each rank answers a contiguous share of the questions
+    if world > 1:
+        args.device = device
     out = Path(args.out)
     named = dict(model_name(s) for s in args.models)
     if len(named) < len(args.models) or "prior" in named:
@@ -150,8 +153,11 @@ def main(args):
     answers = {"prior": [prior.get(t, "") for t in qtypes]}  # a type unseen in training: empty answer
     for name, path in named.items():
         t0 = time.time()
-        answers[name] = generate_answers(name, path, records, args)
+        share = records[rank * len(records) // world:(rank + 1) * len(records) // world]
+        answers[name] = gather(generate_answers(name, path, share, args))  # every rank's, in order
         print(f"{name}: {len(records)} answers in {time.time() - t0:.0f}s from {path}")
+    if rank > 0:
+        return None  # scoring and files are rank 0's
 
     # 3. score against the ground truth
     results, scores = {}, {}

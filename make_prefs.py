@@ -146,14 +146,20 @@ def prob_a(judge, tok, users, videos, ab):
 
 # ----------------------------------------------------------------------------- files
 def append(path, rows):
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
+    """One write() in append mode: the lines of concurrent ranks never interleave within a batch."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(a: Args):
     torch.manual_seed(a.seed)
+    rank, world, device = M.init_distributed()  # torchrun: ranks take batches in turn (b % world == rank)
+    if world > 1:
+        a.device = device  # this rank's GPU (or the CPU)
     out = Path(a.out)
     files = {k: out / f"{k}.jsonl" for k in ("prefs", "oracle", "metrics")}
     if a.context not in ("gt", "self", "none") or a.k < 2 or a.k % 2:
@@ -178,16 +184,21 @@ def main(a: Args):
         judge, jtok = M.load_pretrained(a.judge, kind="policy").to(a.device).eval(), data.load_tokenizer(a.judge)
         data.check_tokenizer(jtok, judge.cfg, a.judge)
     ab = answer_token_ids(jtok, a.judge or a.sft)
-    data.start_run(out, a, a.resume)  # the inputs are good (videos are checked to exist): write the run folder
 
     # resume: a batch is done when its metrics line exists (written after its pairs); lines of other batches
     # are what an interrupted batch left behind and are dropped, then that batch runs again from its seed
     batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
     done = {m["batch"] for m in data.read_log(files["metrics"])} if a.resume else set()
     kept_ids = {p["id"] for b in done for p in batches[b]}
-    for name, path in files.items():
-        data.trim_log(path, (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids))
-    print(f"make_prefs: {len(prompts)} prompts in {len(batches)} batches ({len(done)} done), K={a.k}, "
+    if rank == 0:  # the inputs are good (videos are checked to exist): write the run folder
+        data.start_run(out, a, a.resume)
+        for name, path in files.items():
+            keep = (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids)
+            data.trim_log(path, keep)
+    M.barrier()  # the other ranks append only once the files are trimmed
+    todo = [b for b in range(len(batches)) if b not in done and b % world == rank]
+    print(f"make_prefs: {len(prompts)} prompts in {len(batches)} batches ({len(done)} done; rank {rank} of {world} "
+          f"takes {len(todo)}), K={a.k}, "
           f"context={a.context}, judge={a.judge or a.sft}" + ("" if truth else f"; no {truth_file}: no oracle stats"))
 
     frames = {}  # (path, num_frames, size, span) -> (F, 3, H, W); cleared every batch to bound memory
@@ -217,11 +228,10 @@ def main(a: Args):
                 contexts[v] = " ".join(texts[i * a.n_clips:(i + 1) * a.n_clips])
         return contexts[path]
 
-    bar = tqdm(total=len(batches), initial=len(done), desc="prefs", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="prefs", dynamic_ncols=True, disable=rank > 0)
     with torch.no_grad():
-        for b, batch in enumerate(batches):
-            if b in done:
-                continue
+        for b in todo:
+            batch = batches[b]
             t0 = time.time()
             frames.clear()
             gen = torch.Generator(a.device).manual_seed(a.seed * 1_000_003 + b)
@@ -266,6 +276,9 @@ def main(a: Args):
             bar.set_postfix(pairs=len(rows), conf=f"{m['mean_confidence']:.3f}")
             bar.update()
     bar.close()
+    M.barrier()  # every rank's batches are written
+    if rank > 0:
+        return None
 
     # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
     prefs = data.read_log(files["prefs"])

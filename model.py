@@ -5,6 +5,7 @@ checkpoints load by renaming keys only (`map_hf_key`). Also here: a KV-cached sa
 reward/value head, hand-written LoRA, and our own checkpoint format (`save_pretrained` / `load_pretrained`).
 There is no dropout anywhere: PPO needs the first policy ratio to be exactly 1 (SPEC 5).
 """
+import atexit
 import contextlib
 import json
 import math
@@ -13,6 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -679,3 +681,65 @@ def from_hf(llm_path: str, vision_path: str | None = None, projector_path: str |
     return model
 
 
+
+
+# ----------------------------------------------------------------------------- data parallel (torchrun)
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE set): join the process group (NCCL on GPU, gloo on CPU) and take this rank's
+    GPU. -> (rank, world_size, device); (0, 1, cuda or cpu) in a plain run."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():  # once per process (a test runs several stages in one)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+
+
+def all_sum(x, device):
+    """A number or tensor summed over the ranks (float64 tensor; itself in a plain run)."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def sync_gradients(params):
+    """Data parallel by hand: after every rank's backward on its shard, sum each gradient over the ranks (each
+    rank's loss is its share of the global batch's loss, so the sum is the global gradient). This is DDP's
+    all-reduce, unbucketed. DDP's wrapper is not used because it only tracks parameters reached inside forward():
+    our heads are separate calls (logits / values / reward) and text-only batches skip the vision tower. A
+    parameter that no rank used keeps grad None, as in one process (AdamW then leaves it alone)."""
+    if not dist.is_initialized():
+        return
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(used)
+    for p, u in zip(params, used.tolist()):
+        if u:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order (the list itself in a plain run)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier():  # wait for every rank (no-op in a plain run)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_parameters(model):
+    """Every rank starts from rank 0's weights (DDP does the same when it wraps a model)."""
+    if dist.is_initialized():
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)

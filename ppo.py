@@ -227,8 +227,9 @@ def score(reward_model, query_ids, responses, mask, videos, suffix, chunk):  # -
                       for r in torch.arange(len(seqs), device=videos.device).split(chunk)])
 
 
-def ppo_step(policy, value_model, opt, mb, a):
-    """One optimiser step on a minibatch of the rollout (a dict of (b, ...) tensors) -> stats."""
+def ppo_step(policy, value_model, opt, mb, a, world=1):
+    """One optimiser step on a minibatch of the rollout (a dict of (b, ...) tensors) -> stats. With data
+    parallel every rank holds 1/world of the minibatch, and the step follows the mean of the ranks' losses."""
     args = (mb["input_ids"], mb["attention_mask"], mb["videos"], mb["responses"].shape[1])
     logits = policy.logits(answer_hidden(policy, *args))  # (b, N, V)
     logprobs = logprobs_from_logits(logits, mb["responses"], a.temperature)  # (b, N)
@@ -238,14 +239,16 @@ def ppo_step(policy, value_model, opt, mb, a):
     # One optimiser over both models, as the reference's ActorCritic. The models share no weights, so each
     # gets only its own loss's gradient; vf_coef matters through the joint gradient-norm clip (Adam
     # normalises per parameter), where it keeps early large value gradients from shrinking the policy step.
-    loss = pg_loss + a.vf_coef * vf_loss
-    if not torch.isfinite(loss):  # stop before the update: resume.pt stays the last good state
+    loss = (pg_loss + a.vf_coef * vf_loss) / world  # the ranks' gradients are summed (model.sync_gradients)
+    if not math.isfinite(float(M.all_sum(loss, loss.device))):  # all ranks stop before the update: resume.pt is good
         last = os.path.join(a.out, "resume.pt")
         raise SystemExit(f"ppo: non-finite loss; the last good state is "
                          f"{last if os.path.exists(last) else 'none (no resume point yet)'}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    M.sync_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
     opt.step()
     return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "grad_norm": float(grad_norm),
             **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
@@ -253,7 +256,9 @@ def ppo_step(policy, value_model, opt, mb, a):
 
 def main(a: Args):
     torch.manual_seed(a.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = M.init_distributed()  # torchrun: each rank samples and trains on a share of each rollout
+    if a.rollout_batch % world or a.minibatch % world:
+        raise ValueError(f"--rollout_batch and --minibatch must divide by the {world} ranks")
     tok = data.load_tokenizer(a.sft)
 
     # the four models (SPEC 3); none has dropout (model.py), eval() is for the record
@@ -276,7 +281,7 @@ def main(a: Args):
     else:
         ref = M.load_pretrained(a.sft, kind="policy").requires_grad_(False).to(device).eval()
     for m in (policy, reward_model, value_model):
-        m.to(device).eval()
+        M.broadcast_parameters(m.to(device).eval())
     cfg = policy.cfg
 
     # the prompts: every query tokenized once, every video decoded once (bad input fails before any output)
@@ -287,12 +292,13 @@ def main(a: Args):
                for p in prompts]
     suffix = data.rm_suffix(tok)
     videos = data.load_videos(prompts, cfg.num_frames, cfg.vision.image_size, a.prompts)
-    data.start_run(a.out, a, a.resume)
+    if rank == 0:
+        data.start_run(a.out, a, a.resume)
 
     batches = prompt_batches(len(prompts), a.rollout_batch, a.iterations, a.seed)
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    print(f"ppo: {len(prompts)} prompts, {a.iterations} iterations of {a.rollout_batch}, "
+    print(f"ppo: {len(prompts)} prompts, {a.iterations} iterations of {a.rollout_batch} on {world} rank(s), "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (policy + value)")
 
     # resume: weights, optimiser, iteration and kl_coef. Prompt order and sampling need no saved RNG state:
@@ -306,13 +312,14 @@ def main(a: Args):
         it, kl_coef = state["iteration"], state["kl_coef"]
         print(f"resumed from {resume_file} at iteration {it}")
     logs = {name: os.path.join(a.out, name) for name in ("metrics.jsonl", "samples.jsonl")}
-    for path in logs.values():  # iterations after the resume point run again: their lines are dropped
+    for path in logs.values() if rank == 0 else []:  # iterations after the resume point run again: drop their lines
         data.trim_log(path, lambda r: r["iteration"] <= it)
 
-    bar = tqdm(total=a.iterations, initial=it, desc="ppo", dynamic_ncols=True)
+    bar = tqdm(total=a.iterations, initial=it, desc="ppo", dynamic_ncols=True, disable=rank > 0)
     while it < a.iterations:
         t0, idx = time.time(), batches[it]
-        gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + it)  # answers and minibatch order
+        idx = idx[rank::world]  # this rank's share of the rollout (all of it in a plain run)
+        gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + it + 100_000_007 * rank)  # answers, minibatches
         lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * it / a.iterations)))  # cosine (SPEC 3)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -338,19 +345,20 @@ def main(a: Args):
         # 4. optimise: ppo_epochs shuffled passes over the rollout
         B = len(idx)
         minibatches = [rows for _ in range(a.ppo_epochs)
-                       for rows in torch.randperm(B, generator=gen, device=device).split(a.minibatch)]
+                       for rows in torch.randperm(B, generator=gen, device=device).split(a.minibatch // world)]
         stats = []
         for rows in minibatches:
             stats.append(ppo_step(policy, value_model, opt, {k: v[rows] for k, v in batch.items()
-                                                             if torch.is_tensor(v)}, a))
-            if a.target_approx_kl and stats[-1]["approx_kl"] > a.target_approx_kl:
+                                                             if torch.is_tensor(v)}, a, world))
+            if a.target_approx_kl and float(M.all_sum(stats[-1]["approx_kl"], device)) / world > a.target_approx_kl:
                 break  # the policy moved too far from the one that sampled: collect fresh answers first
 
         # 5. log; then the adaptive KL controller sees this iteration's KL
-        kl = float(((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(1).mean())  # per answer, unclamped
+        mean_all = lambda x: float(M.all_sum(x.mean(), device)) / world  # over every rank's answers
+        kl = mean_all(((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(1))  # per answer, unclamped
         explained_variance = 1 - masked_var(returns - batch["values"], mask) / (masked_var(returns, mask) + 1e-8)
         it += 1
-        rec = {"iteration": it, "score": scores.mean(), "rm_score": rm_scores.mean(), "kl": kl,
+        rec = {"iteration": it, "score": mean_all(scores), "rm_score": mean_all(rm_scores), "kl": kl,  # rest: rank 0's
                "non_score_reward": non_score_rewards.sum(1).mean(), "entropy": masked_mean(batch["entropy"], mask),
                "answer_len": lengths.mean(), "no_eos": 1 - has_eos.float().mean(),
                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "ratio_max"},
@@ -358,10 +366,12 @@ def main(a: Args):
                "explained_variance": explained_variance, "kl_coef": kl_coef, "lr": lr, "minibatch_steps": len(stats),
                "sampler_logprob_gap": batch["sampler_logprob_gap"], "seconds": time.time() - t0}
         rec = {k: round(float(v), 6) if k != "iteration" else v for k, v in rec.items()}
+        if a.target_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, kl, a.target_kl, B * world, a.kl_horizon)
+        if rank > 0:
+            continue  # logs and checkpoints are rank 0's
         with open(logs["metrics.jsonl"], "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if a.target_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, kl, a.target_kl, B, a.kl_horizon)
         bar.update()
         bar.write(f"ppo {it}: score {rec['score']:.3f} (rm {rec['rm_score']:.3f}) kl {kl:.3f} "
                   f"len {rec['answer_len']:.1f} no_eos {rec['no_eos']:.2f} clip {rec['clipfrac']:.3f} "
@@ -380,6 +390,8 @@ def main(a: Args):
                         "optimizer": opt.state_dict(), "iteration": it, "kl_coef": kl_coef}, resume_file + ".tmp")
             os.replace(resume_file + ".tmp", resume_file)
     bar.close()
+    if rank > 0:
+        return
 
     # 6. save the policy (LoRA merged): tokenizer first, model.safetensors, config.json last (= complete)
     final = os.path.join(a.out, "model")

@@ -125,7 +125,7 @@ def sft_loss(model, ids, mask, labels, videos):
 
 def main(a: Args):
     torch.manual_seed(a.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = M.init_distributed()  # torchrun: one process per GPU, each on a share of every batch
     tok = data.load_tokenizer(a.tokenizer or a.init)
     model = build_model(a, tok).to(device)
     cfg = model.cfg
@@ -134,6 +134,7 @@ def main(a: Args):
     if a.lora_r:
         M.add_lora(model, a.lora_r, a.lora_alpha)
         model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
+    M.broadcast_parameters(model)
 
     # 1. data: every conversation tokenized once, with its loss mask; every video decoded once (bad input
     # fails here, before anything is written)
@@ -153,15 +154,17 @@ def main(a: Args):
             examples.append({"ids": ids, "labels": labels, "video": r["video"], "answer_len": answer_len})
     if not examples:
         raise ValueError(f"{', '.join(a.train)}: no training records")
-    data.start_run(a.out, a, a.resume)
+    if rank == 0:
+        data.start_run(a.out, a, a.resume)
 
     # 2. curriculum: short answers first, then long answers (SPEC 3)
     batches = curriculum([e["answer_len"] for e in examples], [e["video"] is None for e in examples],
                          a.long_answer_tokens, a.epochs_text, a.epochs_short, a.epochs_long, a.replay,
                          a.batch_size, a.seed)
     n_stage = {s: sum(stage == s for stage, _ in batches) for s in ("text", "short", "long")}
-    print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    if rank == 0:
+        print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -172,15 +175,17 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
-    data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
+    if rank == 0:
+        data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 
     # 3. train
     model.train()
-    bar = tqdm(total=len(batches), initial=step, desc="sft", dynamic_ncols=True)
+    bar = tqdm(total=len(batches), initial=step, desc="sft", dynamic_ncols=True, disable=rank > 0)
     t0, n_tokens, stage_loss = time.time(), 0, []
     while step < len(batches):
         stage, idx = batches[step]
-        batch = [examples[i] for i in idx]
+        mine = idx[rank::world]  # this rank's share of the batch (all of it in a plain run)
+        batch = [examples[i] for i in mine or idx[:1]]  # an empty share: one example at weight 0 (ranks step together)
         ids = data.pad([e["ids"] for e in batch], tok.pad_token_id).to(device)
         labels = data.pad([e["labels"] for e in batch], -100).to(device)
         mask = data.pad([[1] * len(e["ids"]) for e in batch], 0).to(device)
@@ -189,22 +194,29 @@ def main(a: Args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)
         loss, n = sft_loss(model, ids, mask, labels, vids)
-        if not torch.isfinite(loss):
+        n_all, batch_tokens = M.all_sum([n if mine else 0, int(mask.sum()) if mine else 0], device).tolist()
+        if world > 1:  # this rank's share of the batch's mean over answer tokens: the shares' gradients are summed
+            loss = loss * (n if mine else 0) / n_all
+        value = float(M.all_sum(loss, device))  # the whole batch's loss, the same on every rank
+        if not math.isfinite(value):
             raise SystemExit(f"sft: non-finite loss at step {step}; the last good state is "
                              f"{resume_file if os.path.exists(resume_file) else 'none (no resume point yet)'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        M.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         opt.step()
         step += 1
-        n_tokens += int(mask.sum())
-        stage_loss.append(loss.item())
-        rec = {"step": step, "stage": stage, "loss": round(loss.item(), 5), "lr": opt.param_groups[0]["lr"],
-               "grad_norm": round(float(grad_norm), 4), "answer_tokens": n,
+        n_tokens += batch_tokens
+        stage_loss.append(value)
+        rec = {"step": step, "stage": stage, "loss": round(value, 5), "lr": opt.param_groups[0]["lr"],
+               "grad_norm": round(float(grad_norm), 4), "answer_tokens": int(n_all),
                "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
+        if rank > 0:
+            continue  # logs and checkpoints are rank 0's
         with open(metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.set_postfix(stage=stage, loss=f"{value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         bar.update()
         if step == len(batches) or batches[step][0] != stage:
             bar.write(f"sft: stage {stage} done at step {step}, mean loss of its last 50 steps "
@@ -213,6 +225,8 @@ def main(a: Args):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, resume_file + ".tmp")
             os.replace(resume_file + ".tmp", resume_file)
     bar.close()
+    if rank > 0:
+        return
 
     # 4. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
     final = os.path.join(a.out, "model")

@@ -82,11 +82,16 @@ def batch_order(n, epochs, batch_size, seed):
     return out
 
 
-def bt_loss(r1, r2, preference):
+def bt_loss(r1, r2, preference, n=None, mean=None):
     """Bradley-Terry: -log sigmoid(r_preferred - r_rejected), as the reference's BCE(r2 - r1, preference == 2),
-    plus its centring term 1e-3 * |mean(r1 + r2)| that keeps the scores near 0 (SPEC 3)."""
+    plus its centring term 1e-3 * |mean(r1 + r2)| that keeps the scores near 0 (SPEC 3). Written as a sum over
+    the pairs / n, the centring as sign(mean) * sum(r1 + r2) / n (same value, same gradient), so that with data
+    parallel (n, mean: the whole batch's, over the ranks) the ranks' gradients sum to the whole batch's."""
     label = (preference == 2).to(r1.dtype)
-    return F.binary_cross_entropy_with_logits(r2 - r1, label) + 1e-3 * (r1 + r2).mean().abs()
+    n = len(r1) if n is None else n
+    mean = float((r1 + r2).detach().mean()) if mean is None else mean
+    sign = (mean > 0) - (mean < 0)  # the derivative of |mean|
+    return (F.binary_cross_entropy_with_logits(r2 - r1, label, reduction="sum") + 1e-3 * sign * (r1 + r2).sum()) / n
 
 
 def accuracy(r1, r2, preference):
@@ -109,6 +114,9 @@ def pct(x):
 
 def main(a: Args):
     torch.manual_seed(a.seed)  # the new head's initialisation
+    rank, world, device = M.init_distributed()  # torchrun: one process per GPU, each on a share of every batch
+    if world > 1:
+        a.device = device
     out = Path(a.out)
     if a.epochs < 1 or a.batch_size < 1:
         raise ValueError(f"--epochs and --batch_size must be >= 1, got {a.epochs} and {a.batch_size}")
@@ -118,6 +126,7 @@ def main(a: Args):
     data.check_tokenizer(tok, cfg, a.sft)
     if a.lora_r:
         M.add_lora(model, a.lora_r, a.lora_alpha)
+    M.broadcast_parameters(model)
 
     # 1. read the AI preferences; videos are relative to --video_root (make_prefs keeps rl.jsonl's paths)
     prefs = data.read_prefs(a.prefs, a.video_root or None)
@@ -145,7 +154,8 @@ def main(a: Args):
     if not train:
         raise ValueError(f"{a.prefs}: no training pairs left (min_confidence {a.min_confidence}, {len(heldout)} held out)")
     batches = batch_order(len(train), a.epochs, a.batch_size, a.seed)
-    data.start_run(out, a, a.resume)  # the inputs are good: the run folder may be written now
+    if rank == 0:
+        data.start_run(out, a, a.resume)  # the inputs are good: the run folder may be written now
 
     def load(ps):  # both answers of each pair see its video: rows ordered [answer_1s..., answer_2s...]
         v = torch.stack([videos[str(p["video"])] for p in ps])
@@ -185,31 +195,39 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
-    data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
+    if rank == 0:
+        data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 
     model.train()
-    bar = tqdm(total=len(batches), initial=step, desc="rm", dynamic_ncols=True)
+    bar = tqdm(total=len(batches), initial=step, desc="rm", dynamic_ncols=True, disable=rank > 0)
     t0, evals = time.time(), []
     while step < len(batches):
         epoch, idx = batches[step]
-        b = [train[i] for i in idx]
+        mine = idx[rank::world]  # this rank's share of the batch (all of it in a plain run)
+        b = [train[i] for i in mine or idx[:1]]  # an empty share: one pair at weight 0 (ranks step together)
         r = scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b), cfg.pad_token_id)
         r1, r2 = r.view(2, -1)
         pref = torch.tensor([p["preference"] for p in b], device=r.device)
-        loss = bt_loss(r1, r2, pref)
-        if not torch.isfinite(loss):
+        n, total, correct = M.all_sum([len(mine), float((r1 + r2).detach().sum()) if mine else 0.0,
+                                       accuracy(r1, r2, pref) * len(mine)], a.device).tolist()
+        loss = bt_loss(r1, r2, pref, n, total / n) * (1 if mine else 0)  # this rank's share of the batch's loss
+        value = float(M.all_sum(loss, a.device))  # the whole batch's loss, the same on every rank
+        if not math.isfinite(value):
             raise SystemExit(f"train_rm: non-finite loss at step {step}; the last good state is "
                              f"{resume_file if resume_file.exists() else 'none (no resume point yet)'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        M.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
         opt.step()
         step += 1
-        rec = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "acc": accuracy(r1, r2, pref),
+        rec = {"step": step, "epoch": epoch, "loss": round(value, 5), "acc": correct / n,
                "grad_norm": round(float(grad_norm), 4), "lr": a.lr}
+        if rank > 0:
+            continue  # evaluation, logs and checkpoints are rank 0's
         with open(metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{rec['acc']:.2f}")
+        bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec['acc']:.2f}")
         bar.update()
         if step == len(batches) or batches[step][0] != epoch:  # 4. held-out accuracy after every epoch
             evals.append(evaluate(step, epoch))
@@ -221,6 +239,8 @@ def main(a: Args):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, f"{resume_file}.tmp")
             os.replace(f"{resume_file}.tmp", resume_file)
     bar.close()
+    if rank > 0:
+        return None
 
     # 5. normalise: mean 0 / std 1 over the SFT answers of the training pairs (scores are only comparable
     # within one RM, SPEC 5; PPO reads these from the checkpoint)

@@ -1,0 +1,88 @@
+"""torchrun with 2 CPU processes (gloo) against 1 process on the same global batches: sft and train_rm reach the
+same losses and weights, make_prefs writes the same pairs (as a set), eval the same answers; ppo runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from conftest import tiny_world
+import model as M
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = """import importlib, json, sys
+import data
+for stage, argv in json.loads(sys.argv[1]):  # one launch for every stage: torch starts once per rank
+    module = importlib.import_module(stage)
+    data.cli(module.main, module.Args, argv=argv)
+"""
+
+
+def stages(w, tag):
+    s, prefs = w / "shapes", w / "1" / "prefs" / "prefs.jsonl"  # train_rm reads the 1-process pairs in both runs
+    out = lambda name: ["--out", str(w / tag / name)]
+    return [
+        ("sft", [*out("sft"), "--train", str(s / "sft.jsonl"), str(s / "text.jsonl"), "--tokenizer", str(s / "tokenizer"),
+                 "--hidden", "32", "--layers", "1", "--heads", "2", "--kv_heads", "1", "--vision_hidden", "16",
+                 "--frames", "4", "--epochs_text", "1", "--epochs_short", "1", "--epochs_long", "1", "--batch_size", "8",
+                 "--warmup", "2", "--max_len", "512"]),
+        ("make_prefs", [*out("prefs"), "--prompts", str(s / "rl.jsonl"), "--sft", str(w / "sft"), "--batch_size", "2",
+                        "--max_new_tokens", "8", "--context", "self"]),
+        ("train_rm", [*out("rm"), "--prefs", str(prefs), "--video_root", str(s), "--sft", str(w / "sft"),
+                      "--holdout", "0.25", "--batch_size", "3", "--epochs", "2"]),
+        ("eval", [*out("eval"), "--models", str(w / "sft"), "--data", str(s / "eval.jsonl"), "--prior_data",
+                  str(s / "sft.jsonl"), "--max_new_tokens", "8", "--batch_size", "4"]),
+        ("ppo", [*out("ppo"), "--prompts", str(s / "rl.jsonl"), "--sft", str(w / "sft"), "--rm",
+                 str(w / "1" / "rm" / "model"), "--iterations", "2", "--rollout_batch", "4", "--minibatch", "2",
+                 "--max_new_tokens", "6"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """Every stage once in this process (w/1) and once under torchrun with 2 processes (w/2)."""
+    w = tmp_path_factory.mktemp("dist")
+    tiny_world(w, n_sft=4, n_rl=6, n_eval=3)
+    for stage, argv in stages(w, "1"):
+        module = __import__(stage)
+        data.cli(module.main, module.Args, argv=argv)
+    (w / "runner.py").write_text(RUNNER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(w / "runner.py"), json.dumps(stages(w, "2"))], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return w
+
+
+def metrics(path, key):
+    return [m.get(key) for m in data.read_log(path)]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_processes_train_like_one_on_the_same_global_batch(w, stage):
+    one, two = w / "1" / stage, w / "2" / stage
+    assert metrics(one / "metrics.jsonl", "step") == metrics(two / "metrics.jsonl", "step")
+    assert metrics(one / "metrics.jsonl", "loss") == pytest.approx(metrics(two / "metrics.jsonl", "loss"), abs=1e-4)
+    x, y = M.load_pretrained(str(one / "model")).state_dict(), M.load_pretrained(str(two / "model")).state_dict()
+    assert all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
+    assert not list(two.glob("*rank*"))  # one set of files, written by rank 0
+
+
+def test_sharded_prefs_and_eval_equal_one_process(w):
+    one, two = w / "1" / "prefs", w / "2" / "prefs"
+    lines = lambda p: sorted(json.dumps(r, sort_keys=True) for r in data.read_log(p))
+    assert lines(one / "prefs.jsonl") == lines(two / "prefs.jsonl") and len(lines(one / "prefs.jsonl")) == 12
+    assert sorted(metrics(two / "metrics.jsonl", "batch")) == list(range(6))  # every batch once, by either rank
+    s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (one, two))
+    assert {**s1, "seconds": 0} == {**s2, "seconds": 0}
+    assert (w / "1" / "eval" / "predictions_sft.jsonl").read_text() == (w / "2" / "eval" / "predictions_sft.jsonl").read_text()
+
+
+def test_ppo_runs_on_two_processes(w):
+    assert metrics(w / "2" / "ppo" / "metrics.jsonl", "iteration") == [1, 2]
+    assert M.load_pretrained(str(w / "2" / "ppo" / "model"), kind="policy")
