@@ -683,6 +683,21 @@ def from_hf(llm_path: str, vision_path: str | None = None, projector_path: str |
 
 
 
+# ----------------------------------------------------------------------------- the large-model path
+
+def for_training(model: VideoLLM, device, bf16=False, compile=False, grad_ckpt=False):
+    """Options for large models, applied after LoRA / freezing: gradient checkpointing of the LLM layers; bf16
+    autocast, with the FROZEN weights stored in bf16 (they need no fp32 copy: half their memory); torch.compile
+    of forward(). -> (the module to call for training forwards, a function returning the autocast context)."""
+    model.gradient_checkpointing = grad_ckpt
+    if bf16:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    autocast = lambda: torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16)
+    return (torch.compile(model) if compile else model), autocast
+
+
 # ----------------------------------------------------------------------------- data parallel (torchrun)
 
 def init_distributed():

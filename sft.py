@@ -54,6 +54,9 @@ class Args:
     lora_r: int = 0  # 0 = train every weight; SPEC 3 uses LoRA r=32 on a real LLM
     lora_alpha: float = 32.0  # LoRA scaling numerator (SPEC 3: alpha = 32)
     freeze_vision: bool = False  # the reference freezes CLIP; a from-scratch tower must learn
+    bf16: bool = False  # GPU path: bf16 autocast, frozen weights stored in bf16 (model.for_training)
+    compile: bool = False  # GPU path: torch.compile the training forward (on the tiny CPU model it costs more than it saves)
+    grad_ckpt: bool = False  # gradient checkpointing: recompute each LLM layer in backward, keep only its input
     max_len: int = 256  # tokens per example; longer answers are truncated (data.encode)
     save_every: int = 200  # steps between resume checkpoints
     resume: bool = False  # continue from out/resume.pt if present
@@ -135,6 +138,7 @@ def main(a: Args):
         M.add_lora(model, a.lora_r, a.lora_alpha)
         model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
     M.broadcast_parameters(model)
+    forward, autocast = M.for_training(model, device, a.bf16, a.compile, a.grad_ckpt)
 
     # 1. data: every conversation tokenized once, with its loss mask; every video decoded once (bad input
     # fails here, before anything is written)
@@ -193,7 +197,8 @@ def main(a: Args):
         vids = torch.stack(vids).to(device) if vids else None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)
-        loss, n = sft_loss(model, ids, mask, labels, vids)
+        with autocast():
+            loss, n = sft_loss(forward, ids, mask, labels, vids)
         n_all, batch_tokens = M.all_sum([n if mine else 0, int(mask.sum()) if mine else 0], device).tolist()
         if world > 1:  # this rank's share of the batch's mean over answer tokens: the shares' gradients are summed
             loss = loss * (n if mine else 0) / n_all

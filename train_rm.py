@@ -41,6 +41,8 @@ class Args:
     grad_clip: float = 1.0  # max global gradient norm
     lora_r: int = 0  # 0 = train every weight (tiny model); SPEC 3: LoRA r=64 on real models
     lora_alpha: float = 64.0  # LoRA scaling numerator (alpha = r: scale 1; our choice)
+    bf16: bool = False  # GPU path: bf16 autocast, frozen weights stored in bf16 (model.for_training)
+    grad_ckpt: bool = False  # gradient checkpointing: recompute each LLM layer in backward, keep only its input
     save_every: int = 50  # steps between resume checkpoints
     resume: bool = False  # continue from out/resume.pt if present
     seed: int = 0  # split, data order and head initialisation
@@ -127,6 +129,8 @@ def main(a: Args):
     if a.lora_r:
         M.add_lora(model, a.lora_r, a.lora_alpha)
     M.broadcast_parameters(model)
+    # no torch.compile here: model.reward() calls forward() itself, so a compiled wrapper would not be used
+    _, autocast = M.for_training(model, a.device, a.bf16, False, a.grad_ckpt)
 
     # 1. read the AI preferences; videos are relative to --video_root (make_prefs keeps rl.jsonl's paths)
     prefs = data.read_prefs(a.prefs, a.video_root or None)
@@ -163,7 +167,7 @@ def main(a: Args):
 
     def score_pairs(ps):  # -> r1, r2 (N,) in batches, without gradients
         r = []
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for i in range(0, len(ps), a.batch_size):
                 b = ps[i:i + a.batch_size]
                 r.append(scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b),
@@ -205,7 +209,8 @@ def main(a: Args):
         epoch, idx = batches[step]
         mine = idx[rank::world]  # this rank's share of the batch (all of it in a plain run)
         b = [train[i] for i in mine or idx[:1]]  # an empty share: one pair at weight 0 (ranks step together)
-        r = scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b), cfg.pad_token_id)
+        with autocast():
+            r = scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b), cfg.pad_token_id)
         r1, r2 = r.view(2, -1)
         pref = torch.tensor([p["preference"] for p in b], device=r.device)
         n, total, correct = M.all_sum([len(mine), float((r1 + r2).detach().sum()) if mine else 0.0,

@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) against 1 process on the same global batches: sft and train_rm reach the
-same losses and weights, make_prefs writes the same pairs (as a set), eval the same answers; ppo runs."""
+same losses and weights, make_prefs writes the same pairs (as a set), eval the same answers; ppo runs. And the
+large-model options (LoRA, frozen tower, bf16, gradient checkpointing) on CPU."""
 import json
 import os
 import subprocess
@@ -81,6 +82,23 @@ def test_sharded_prefs_and_eval_equal_one_process(w):
     s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (one, two))
     assert {**s1, "seconds": 0} == {**s2, "seconds": 0}
     assert (w / "1" / "eval" / "predictions_sft.jsonl").read_text() == (w / "2" / "eval" / "predictions_sft.jsonl").read_text()
+
+
+def test_large_model_path_runs_on_cpu(w, tmp_path):
+    """LoRA with the vision tower frozen (SPEC 3's recipe), bf16 autocast with bf16 frozen weights, gradient
+    checkpointing: SFT and RM train (finite losses) and write plain checkpoints that load as usual."""
+    big = ["--lora_r", "4", "--bf16", "true", "--grad_ckpt", "true"]
+    for stage, argv in stages(w, "big")[:3:2]:  # sft and train_rm
+        argv = [*argv, *big] + (["--init", str(w / "sft"), "--tokenizer", "", "--freeze_vision", "true", "--epochs_text", "0",
+                                    "--epochs_long", "0"] if stage == "sft" else [])
+        data.cli(__import__(stage).main, __import__(stage).Args, argv=argv)
+        losses = metrics(w / "big" / ("rm" if stage == "train_rm" else stage) / "metrics.jsonl", "loss")
+        assert losses and all(l is None or l == l for l in losses)  # finite (NaN != NaN) on every step
+    sft = M.load_pretrained(str(w / "big" / "sft" / "model"))
+    base = M.load_pretrained(str(w / "sft"))
+    assert torch.equal(sft.vision.state_dict()["embeddings.patch_embedding.weight"],
+                       base.vision.state_dict()["embeddings.patch_embedding.weight"].bfloat16().float())  # frozen
+    assert not torch.equal(sft.llm.layers[0].self_attn.q_proj.weight, base.llm.layers[0].self_attn.q_proj.weight)
 
 
 def test_ppo_runs_on_two_processes(w):
