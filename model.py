@@ -337,7 +337,7 @@ class VideoLLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, x.shape[-1] // self.cfg.llm.num_heads, self.cfg.llm.rope_theta, x.dtype)
         mask = attention_mask_4d(attention_mask, T)
         for layer in self.llm.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # PPO trains in eval mode (no dropout)
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)

@@ -86,7 +86,7 @@ def test_sharded_prefs_and_eval_equal_one_process(w):
 
 def test_large_model_path_runs_on_cpu(w, tmp_path):
     """LoRA with the vision tower frozen (SPEC 3's recipe), bf16 autocast with bf16 frozen weights, gradient
-    checkpointing: SFT and RM train (finite losses) and write plain checkpoints that load as usual."""
+    checkpointing: SFT and RM train (finite losses), PPO runs, and they write plain checkpoints that load."""
     big = ["--lora_r", "4", "--bf16", "true", "--grad_ckpt", "true"]
     for stage, argv in stages(w, "big")[:3:2]:  # sft and train_rm
         argv = [*argv, *big] + (["--init", str(w / "sft"), "--tokenizer", "", "--freeze_vision", "true", "--epochs_text", "0",
@@ -94,6 +94,10 @@ def test_large_model_path_runs_on_cpu(w, tmp_path):
         data.cli(__import__(stage).main, __import__(stage).Args, argv=argv)
         losses = metrics(w / "big" / ("rm" if stage == "train_rm" else stage) / "metrics.jsonl", "loss")
         assert losses and all(l is None or l == l for l in losses)  # finite (NaN != NaN) on every step
+    ppo_argv = [*stages(w, "big")[4][1], "--lora_r", "4", "--bf16", "true", "--grad_ckpt", "true"]
+    data.cli(__import__("ppo").main, __import__("ppo").Args, argv=ppo_argv)
+    first = data.read_log(w / "big" / "ppo" / "metrics.jsonl")[0]
+    assert first["kl"] == 0 and first["sampler_logprob_gap"] < 1e-2  # the policy starts as the reference
     sft = M.load_pretrained(str(w / "big" / "sft" / "model"))
     base = M.load_pretrained(str(w / "sft"))
     assert torch.equal(sft.vision.state_dict()["embeddings.patch_embedding.weight"],
