@@ -3,8 +3,10 @@ same losses and weights, make_prefs writes the same pairs (as a set), eval the s
 large-model options (LoRA, frozen tower, bf16, gradient checkpointing) on CPU."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,40 @@ def test_sharded_prefs_and_eval_equal_one_process(w):
     s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (one, two))
     assert {**s1, "seconds": 0} == {**s2, "seconds": 0}
     assert (w / "1" / "eval" / "predictions_sft.jsonl").read_text() == (w / "2" / "eval" / "predictions_sft.jsonl").read_text()
+
+
+def children(pid):
+    """Ids of the processes whose parent is pid (from /proc)."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(d))
+        except (OSError, IndexError):
+            pass  # the process ended meanwhile
+    return found
+
+
+def test_resume_under_torchrun_after_sigkill(w):
+    """torchrun and its 2 workers killed with SIGKILL after a resume point; the rerun with --resume ends with
+    the weights of the uninterrupted 1-process run."""
+    out, argv = w / "kill" / "sft", [*stages(w, "kill")[0][1], "--save_every", "2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "resume.pt").exists():
+        assert p.poll() is None and time.time() - t0 < 120, "no resume point"
+        time.sleep(0.002)
+    for pid in [*children(p.pid), p.pid]:  # the workers (torchrun starts each in a session of its own), then torchrun
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "model").exists()
+    r = subprocess.run([*launch, "--resume", "true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    x, y = M.load_pretrained(str(w / "1" / "sft" / "model")).state_dict(), M.load_pretrained(str(out / "model")).state_dict()
+    assert all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
+    assert metrics(out / "metrics.jsonl", "step") == metrics(w / "1" / "sft" / "metrics.jsonl", "step")
 
 
 def test_large_model_path_runs_on_cpu(w, tmp_path):
