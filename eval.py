@@ -54,7 +54,7 @@ class Args:
     judge_key_env: str = "OPENAI_API_KEY"  # environment variable with the openai: judge's key (unset: none sent)
     judge_retries: int = 2  # re-asks after an unparseable reply (then counted as failed); HTTP retries too
     judge_timeout: float = 60.0  # seconds per openai: request
-    judge_max_tokens: int = 24  # a model judge's reply budget; the reply asked for is a short dict
+    judge_max_tokens: int = 48  # a model judge's reply budget: the dict asked for, plus room for a preamble
 
 
 # ----------------------------------------------------------------------------- scoring (pure)
@@ -273,7 +273,8 @@ def hf_ask(path, device, max_new_tokens):
         else:
             ids = tok(f"{prompt}\nReply: ", return_tensors="pt").input_ids
         out = lm.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
-                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                          max_new_tokens=max_new_tokens,
+                          pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return ask
 
