@@ -91,12 +91,19 @@ def rm_scores(path, questions, device):
 
 
 def pick(rows, k, seed):
-    """k rows from different videos, chosen by a seeded shuffle, shown in file order."""
-    order, seen, out = random.Random(seed).sample(range(len(rows)), len(rows)), set(), []
-    for i in order:
-        if len(out) < k and rows[i]["video"] and rows[i]["video"] not in seen:
-            seen.add(rows[i]["video"])
-            out.append(i)
+    """k rows from different videos, taking the question types in turn (a seeded shuffle within each type),
+    so the sample shows every type; returned in file order."""
+    by_type = {}
+    for i in random.Random(seed).sample(range(len(rows)), len(rows)):
+        by_type.setdefault(rows[i]["type"], []).append(i)
+    seen, out = set(), []
+    while len(out) < k and any(by_type.values()):
+        for t in sorted(by_type):
+            while by_type[t] and rows[by_type[t][0]]["video"] in seen:
+                by_type[t].pop(0)
+            if by_type[t] and len(out) < k:
+                out.append(by_type[t].pop(0))
+                seen.add(rows[out[-1]]["video"])
     return sorted(out)
 
 
@@ -141,6 +148,7 @@ def main(a: Args):
     rows = [r for r in preds[names[0]].values() if all(r["id"] in p for p in preds.values())] if names else []
     if rows and "video" not in rows[0]:
         raise ValueError(f"{a.eval}: predictions without their video (an older eval.py wrote them); run eval.py again")
+    rows = [r for r in rows if r["video"]]  # a text-only question has no frames to show
     shown = [rows[i] for i in pick(rows, a.samples, a.seed)]
 
     # 2. the RM's score of every shown answer

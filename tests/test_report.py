@@ -125,3 +125,12 @@ def test_report_without_rm_or_curves(run):
     page = Page(out.read_text())
     assert not [a for t, a in page.tags if t == "svg"] and len([a for t, a in page.tags if t == "img"]) == 2
     assert {r[3] for r in page.rows if len(r) == 4 and r[0] != "model"} == {"-"}
+
+
+def test_pick_spreads_over_types_and_videos():
+    rows = [{"type": t, "video": f"v{v}"} for v in range(6) for t in ("colour", "count", "order")]
+    picked = report.pick(rows, 5, seed=0)
+    assert picked == sorted(picked) and len({rows[i]["video"] for i in picked}) == 5
+    assert {rows[i]["type"] for i in picked} == {"colour", "count", "order"}
+    assert len(report.pick(rows, 50, seed=0)) == 6  # one per video at most
+    assert report.pick(rows, 5, seed=0) != report.pick(rows, 5, seed=1)
