@@ -1,5 +1,6 @@
 # make test       create .venv (first time), install requirements, run the test suite
 # make reproduce  the whole pipeline on the synthetic world: world -> SFT -> preferences -> RM -> PPO -> eval
+#                 -> runs/tiny/report.html
 #                 (incremental: a stage whose checkpoint exists is skipped; CONTEXT=gt|self|none picks the
 #                 context the judge reads)
 PY := .venv/bin/python
@@ -16,7 +17,7 @@ CONTEXT ?= self
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-reproduce: .venv/installed $(RUN)/eval/results.json
+reproduce: .venv/installed $(RUN)/eval/results.json $(RUN)/report.html
 
 $(WORLD)/world.json:
 	$(PY) data.py --out $(WORLD)
@@ -35,3 +36,6 @@ $(RUN)/ppo/model/config.json: $(RUN)/rm/model/config.json
 
 $(RUN)/eval/results.json: $(RUN)/ppo/model/config.json
 	$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --out $(RUN)/eval
+
+$(RUN)/report.html: $(RUN)/eval/results.json
+	$(PY) report.py --eval $(RUN)/eval --rm $(RUN)/rm/model --metrics $(RUN)/ppo/metrics.jsonl --out $@

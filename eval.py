@@ -1,16 +1,29 @@
-"""Evaluate checkpoints side by side on held-out video QA, against a prior baseline.
+"""Evaluate checkpoints side by side on held-out video QA, against a prior baseline, and on the benchmarks.
 
 Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's
 T=0.2 sampling as an option, SPEC 3). Answers are scored against the ground truth: exact match after
 normalisation for short answers, slot-level F1 (count, objects, motion, appear/leave) for descriptions.
 A 'prior' row answers the most frequent TRAINING answer of each question type, so every number has a floor.
 
-    python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
+With --benchmark, the models also answer the Video-ChatGPT benchmark (correctness, detail, context, temporal,
+consistency; 0-5) and zero-shot QA (accuracy, score), read from the official files (SPEC 4). A judge scores
+the answers against the files' answers: `rule` (deterministic matching, no model: a proxy, not GPT),
+`hf:PATH` (a local Hugging Face causal LM) or `openai:URL` (an OpenAI-compatible chat endpoint). Numbers
+are only comparable under one judge (SPEC 5), so results.json records the judge and refuses to mix judges.
 
-Writes results.json (merged with any earlier run in --out), predictions_<name>.jsonl and config.json.
+    python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
+    python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
+
+Writes results.json (merged with any earlier run in --out), predictions_<name>.jsonl, config.json and, with
+--benchmark, benchmark_<name>.jsonl (every judged item with the judge's replies).
 """
+import ast
 import json
+import os
+import re
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +38,23 @@ from model import gather, init_distributed, load_pretrained
 @dataclass
 class Args:
     models: list = field(default_factory=lambda: ["runs/tiny/sft/model"])  # checkpoints; "name=path" names a row
-    data: str = "data/shapes/eval.jsonl"  # eval conversations with a `type` per record (data.py's eval split)
-    prior_data: str = "data/shapes/sft.jsonl"  # the prior's answers come from TRAINING data: eval answers would leak
-    out: str = "runs/eval"  # results.json, predictions_<name>.jsonl, config.json
+    data: str = "data/shapes/eval.jsonl"  # eval conversations with a `type` per record ("" = benchmark only)
+    prior_data: str = "data/shapes/sft.jsonl"  # the prior's answers come from TRAINING data ("" = no prior row)
+    out: str = "runs/eval"  # results.json, predictions_<name>.jsonl, benchmark_<name>.jsonl, config.json
     temperature: float = 0.0  # 0 = greedy (deterministic); SPEC 3: T=0.2 sampling in the reference
     max_new_tokens: int = 64  # longest shapes description is ~40 tokens; SPEC 3: 512 in the reference
     batch_size: int = 32  # prompts generated together (left-padded)
-    limit: int = 0  # evaluate only the first N records (0: all), for quick runs
+    limit: int = 0  # evaluate only the first N records of --data and of each benchmark file (0: all)
     seed: int = 0  # sampling generator seed; irrelevant when greedy
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    benchmark: str = ""  # folder with generic_qa / temporal_qa / consistency_qa / zeroshot_qa .json ("" = skip)
+    videos: str = ""  # folder holding the benchmark's video_name files ("" = <benchmark>/../videos)
+    judge: str = "rule"  # benchmark judge: rule | hf:PATH (local HF causal LM) | openai:URL (chat endpoint)
+    judge_model: str = "gpt-3.5-turbo"  # model name sent to an openai: judge (part of the judge's name)
+    judge_key_env: str = "OPENAI_API_KEY"  # environment variable with the openai: judge's key (unset: none sent)
+    judge_retries: int = 2  # re-asks after an unparseable reply (then counted as failed); HTTP retries too
+    judge_timeout: float = 60.0  # seconds per openai: request
+    judge_max_tokens: int = 48  # a model judge's reply budget: the dict asked for, plus room for a preamble
 
 
 # ----------------------------------------------------------------------------- scoring (pure)
@@ -64,13 +85,18 @@ def summarize(qtypes, scores):
             "by_type": by_type, "n": len(scores)}
 
 
-def merge_results(old, models, settings):
-    """Add this run's models to an earlier results.json, replacing same-named entries. Refuses to mix numbers
-    from different data or decoding settings in one table (they would not be comparable)."""
+def merge_results(old, models, settings, bench=None):
+    """Add this run's models (and benchmark scores) to an earlier results.json, replacing same-named entries.
+    Refuses to mix numbers from different data, decoding settings or judges (they would not be comparable)."""
     if old and old["settings"] != settings:
         raise ValueError(f"results.json was made with settings {old['settings']}, this run uses {settings}; "
                          "use another --out")
-    return {"models": {**(old or {}).get("models", {}), **models}, "settings": settings}
+    old = old or {}
+    merged = {"models": {**old.get("models", {}), **models}, "settings": settings}
+    if bench or "benchmark" in old:
+        merged["benchmark"] = {"judge": settings["judge"],
+                               "models": {**old.get("benchmark", {}).get("models", {}), **(bench or {})}}
+    return merged
 
 
 def table(results):
@@ -93,6 +119,233 @@ def model_name(spec):
         return name, path
     p = Path(spec)
     return (p.parent.name if p.name == "model" else p.name), spec
+
+
+# ----------------------------------------------------------------------------- benchmarks and judges (SPEC 3, 4)
+FILES = {"generic": "generic_qa.json", "temporal": "temporal_qa.json", "consistency": "consistency_qa.json",
+         "zeroshot": "zeroshot_qa.json"}
+TASK_CRITERIA = {"generic": ["correctness", "detail", "context"], "temporal": ["temporal"],
+                 "consistency": ["consistency"], "zeroshot": ["qa"]}  # as the Video-ChatGPT benchmark pairs them
+VIDEO_EXTS = ("", ".mp4", ".avi", ".mkv", ".mov", ".webm")
+
+
+def find_video(folder, name):
+    """Benchmark files name videos with or without an extension (MSVD's are .avi, ActivityNet's .mp4 or .mkv)."""
+    for ext in VIDEO_EXTS:
+        if Path(folder, name + ext).exists():
+            return str(Path(folder, name + ext))
+    raise FileNotFoundError(f"{Path(folder, name)}: video not found (also tried {', '.join(VIDEO_EXTS[1:])}); "
+                            "--videos must be the folder the benchmark's video_name files are in")
+
+
+def read_benchmark(folder, videos, limit=0):
+    """The benchmark files present in `folder` -> items {task, type, video, questions: [Q] or [Q1, Q2], truth}."""
+    items = []
+    for task, file in FILES.items():
+        if not Path(folder, file).exists():  # a folder may hold some of the files only, e.g. zero-shot QA alone
+            continue
+        for r in data.read_benchmark(Path(folder, file))[:limit or None]:
+            qs = [r["Q1"], r["Q2"]] if "Q1" in r else [r["Q"] if "Q" in r else r["question"]]
+            items.append({"task": task, "type": qtype_of(r), "video_name": r["video_name"],
+                          "video": find_video(videos, r["video_name"]), "questions": qs,
+                          "truth": r["A"] if "A" in r else r["answer"]})
+    if not items:
+        raise FileNotFoundError(f"{folder}: none of {', '.join(FILES.values())}")
+    return items
+
+
+def overlap(pred, truth, qtype):
+    """(precision, recall) of the facts pred states against truth's: description slots for descriptions,
+    normalised words otherwise. An empty answer has precision 0: saying nothing is not being right."""
+    if qtype == "describe":
+        p, t = data.description_slots(pred), data.description_slots(truth)
+    else:
+        p, t = set(data.normalize(pred).split()), set(data.normalize(truth).split())
+    hits = len(p & t)
+    return (hits / len(p) if p else float(not t)), (hits / len(t) if t else 1.0)
+
+
+def match(qtype, pred, truth):
+    """data.score_answer for our question types; word-level F1 for files without types (free-form answers)."""
+    if qtype in data.QTYPES:
+        return data.score_answer(qtype, pred, truth)
+    p, r = overlap(pred, truth, qtype)
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def rule_judge(criterion, item, preds):
+    """A deterministic PROXY for the GPT judge (no model): correctness and temporal = match with the truth,
+    detail = recall of the truth's facts, context = precision (nothing stated that the truth lacks),
+    consistency = both phrasings answered right, zero-shot QA = yes iff an exact match; scaled to 0-5."""
+    t, truth = item["type"], item["truth"]
+    if criterion == "consistency":
+        s = min(match(t, p, truth) for p in preds)
+    elif criterion in ("detail", "context"):
+        s = overlap(preds[0], truth, t)[criterion == "detail"]
+    else:
+        s = match(t, preds[0], truth)
+    return {"score": 5 * s, **({"pred": "yes" if s == 1 else "no"} if criterion == "qa" else {})}, []
+
+
+# The official criteria's spirit in our own words; the judge sees no video, so the given answer is the truth.
+CRITERIA = {
+    "correctness": "Correctness: does the model's answer state the same facts as the correct answer? Any claim "
+                   "that contradicts the correct answer or is not supported by it lowers the score.",
+    "detail": "Detail: does the model's answer cover every point of the correct answer, specifically rather "
+              "than vaguely?",
+    "context": "Context: does the model's answer fit what happens in the video, as the correct answer tells "
+               "it, without describing things that are not there?",
+    "temporal": "Temporal understanding: does the model's answer get the order, direction and timing of events "
+                "right, as the correct answer states them?",
+    "consistency": "Consistency: the same thing was asked twice in different words. Do the two answers agree "
+                   "with each other and with the correct answer?",
+    "qa": "Does the model's answer mean the same as the correct answer? Synonyms and paraphrases match.",
+}
+SCORE_FORMAT = "Reply with a Python dict and nothing else: {'score': N}, N an integer from 0 (worst) to 5 (best)."
+QA_FORMAT = ("Reply with a Python dict and nothing else: {'pred': 'yes' or 'no', 'score': N}, 'yes' if the "
+             "answers match, N an integer from 0 to 5 for how well they match.")
+REMINDER = "Your reply could not be read. Reply with the Python dict only, for example: "
+
+
+def judge_prompt(criterion, item, preds):
+    qs = item["questions"]
+    lines = ["You grade a model's answers to questions about a video, against the correct answer.",
+             CRITERIA[criterion]]
+    if criterion == "consistency":
+        lines += [f"Question 1: {qs[0]}", f"Question 2: {qs[1]}", f"Correct answer: {item['truth']}",
+                  f"Model's answer to question 1: {preds[0]}", f"Model's answer to question 2: {preds[1]}"]
+    else:
+        lines += [f"Question: {qs[0]}", f"Correct answer: {item['truth']}", f"Model's answer: {preds[0]}"]
+    return "\n".join(lines + [QA_FORMAT if criterion == "qa" else SCORE_FORMAT])
+
+
+def parse_reply(text, qa=False):
+    """{'score': 0-5[, 'pred': 'yes'|'no']} from a judge's reply, or None. Reads the asked-for dict (Python or
+    JSON quoting) anywhere in the reply, else 'score: 4' / 'pred: yes' written out, or a reply opening with yes/no."""
+    found = {}
+    m = re.search(r"\{.*?\}", text, re.S)
+    for load in (ast.literal_eval, json.loads) if m else ():
+        try:
+            d = load(m.group())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(d, dict):
+            found = {str(k).lower(): v for k, v in d.items()}
+            break
+    if "score" not in found and (m := re.search(r"score\W{0,4}(\d+(?:\.\d+)?)", text, re.I)):
+        found["score"] = m.group(1)
+    if qa and "pred" not in found and (m := re.search(r"pred\w*\W{0,4}(yes|no)\b|^\W*(yes|no)\b", text, re.I)):
+        found["pred"] = m.group(1) or m.group(2)
+    try:
+        score = float(found["score"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    pred = str(found.get("pred", "")).strip().lower()
+    if not 0 <= score <= 5 or (qa and pred not in ("yes", "no")):
+        return None
+    return {"score": score, **({"pred": pred} if qa else {})}
+
+
+def model_judge(ask, retries):
+    """A judge from ask(prompt) -> reply text. An unparseable reply is asked again with a format reminder
+    (which also changes a greedy judge's reply); after `retries` re-asks the item counts as failed."""
+    def judge(criterion, item, preds):
+        prompt, replies = judge_prompt(criterion, item, preds), []
+        example = "{'pred': 'yes', 'score': 4}" if criterion == "qa" else "{'score': 4}"
+        for attempt in range(retries + 1):
+            replies.append(ask(prompt if attempt == 0 else f"{prompt}\n{REMINDER}{example}"))
+            if result := parse_reply(replies[-1], qa=criterion == "qa"):
+                return result, replies
+        return None, replies
+    return judge
+
+
+def hf_ask(path, device, max_new_tokens):
+    """Greedy replies from a local Hugging Face causal LM, in its chat template when the tokenizer has one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, lm = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+    @torch.no_grad()
+    def ask(prompt):
+        if tok.chat_template:  # an instruction-tuned judge replies best in the format it was tuned on
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        else:
+            ids = tok(f"{prompt}\nReply: ", return_tensors="pt").input_ids
+        out = lm.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), do_sample=False,
+                          max_new_tokens=max_new_tokens,
+                          pad_token_id=tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return ask
+
+
+def openai_ask(url, model, key_env, timeout, retries, max_tokens):
+    """Replies from an OpenAI-compatible chat-completions endpoint (a local inference server, or OpenAI's), at
+    temperature 0. Network errors, timeouts, 429 and 5xx are retried with backoff; other HTTP errors fail."""
+    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get(key_env):
+        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+
+    def ask(prompt):
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                           "max_tokens": max_tokens}).encode()
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(endpoint, body, headers), timeout=timeout) as r:
+                    return json.load(r)["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:  # before URLError: it is one
+                if (e.code < 500 and e.code not in (408, 429)) or attempt == retries:
+                    raise RuntimeError(f"judge {endpoint}: HTTP {e.code}: {e.read()[:300]!r}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == retries:
+                    raise RuntimeError(f"judge {endpoint}: {e} (after {retries + 1} tries)") from None
+            time.sleep(2 ** attempt)
+    return ask
+
+
+def make_judge(args):
+    """-> (name, judge). The name goes into results.json and every table: scores of different judges differ."""
+    kind, _, where = args.judge.partition(":")
+    if kind == "rule" and not where:
+        return "rule", rule_judge
+    if kind == "hf" and where:
+        return args.judge, model_judge(hf_ask(where, args.device, args.judge_max_tokens), args.judge_retries)
+    if kind == "openai" and where:
+        ask = openai_ask(where, args.judge_model, args.judge_key_env, args.judge_timeout, args.judge_retries,
+                         args.judge_max_tokens)
+        return f"{args.judge} model={args.judge_model}", model_judge(ask, args.judge_retries)
+    raise ValueError(f"--judge {args.judge!r}: expected rule, hf:PATH or openai:URL")
+
+
+def bench_summary(rows):
+    """Means over the replies the judge gave (failed items are counted, never averaged in as zeros)."""
+    out, n, failed = {}, {}, {}
+    for c in CRITERIA:
+        rs = [r for r in rows if r["criterion"] == c]
+        ok = [r for r in rs if r["score"] is not None]
+        n[c], failed[c] = len(rs), len(rs) - len(ok)
+        mean = (lambda xs: sum(xs) / len(xs)) if ok else (lambda xs: None)
+        if c == "qa":
+            out["qa_accuracy"], out["qa_score"] = mean([r["pred"] == "yes" for r in ok]), mean([r["score"] for r in ok])
+        else:
+            out[c] = mean([r["score"] for r in ok])
+    return {**out, "n": n, "failed": failed}
+
+
+BENCH_COLS = ["correctness", "detail", "context", "temporal", "consistency", "qa_accuracy", "qa_score"]
+
+
+def bench_table(bench):
+    """Fixed-width: a row per model, the five criteria (0-5), zero-shot accuracy (%) and score, failed replies."""
+    w = max(len(n) for n in [*bench["models"], "model"])
+    lines = [f"judge: {bench['judge']}", f"{'model':<{w}}" + "".join(f"  {c:>11}" for c in BENCH_COLS + ["failed"])]
+    for name, m in bench["models"].items():
+        vals = [("-" if m[c] is None else f"{100 * m[c]:.1f}" if c == "qa_accuracy" else f"{m[c]:.2f}")
+                for c in BENCH_COLS]
+        lines.append(f"{name:<{w}}" + "".join(f"  {v:>11}" for v in vals + [str(sum(m["failed"].values()))]))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -133,26 +386,33 @@ def main(args):
     if len(named) < len(args.models) or "prior" in named:
         raise ValueError(f"model names must be unique and not 'prior': {list(map(model_name, args.models))}; "
                          "name them with name=path")
+    if not args.data and not args.benchmark:
+        raise ValueError("nothing to evaluate: give --data, --benchmark or both")
     settings = {"data": args.data, "prior_data": args.prior_data, "limit": args.limit,
                 "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    judge_name, judge = make_judge(args) if args.benchmark else (None, None)  # a bad --judge fails here
+    if args.benchmark:
+        settings.update(benchmark=args.benchmark, judge=judge_name)
     # results.json is merged into, so models can be added one run at a time; a settings clash fails here,
     # before any generation
     results_file = out / "results.json"
     merged = merge_results(json.loads(results_file.read_text()) if results_file.exists() else None, {}, settings)
 
-    # 1. load the eval records and the prior's answers (most frequent per type in the TRAINING file)
-    records = data.read_conversations(args.data)[:args.limit or None]
-    if not records:
+    # 1. load the eval records and the prior's answers (most frequent per type in the TRAINING file;
+    # --prior_data "": no prior row, e.g. for a benchmark without our training data)
+    records = data.read_conversations(args.data)[:args.limit or None] if args.data else []
+    if args.data and not records:
         raise ValueError(f"{args.data}: no records to evaluate")
     qtypes = [qtype_of(r) for r in records]
     truths = [r["turns"][-1][1] for r in records]
-    prior = prior_answers(data.read_conversations(args.prior_data))
-    print(f"eval: {len(records)} questions from {args.data} ("
-          + ", ".join(f"{t} {qtypes.count(t)}" for t in ordered(qtypes)) + ")")
+    prior = prior_answers(data.read_conversations(args.prior_data)) if args.prior_data else None
+    if records:
+        print(f"eval: {len(records)} questions from {args.data} ("
+              + ", ".join(f"{t} {qtypes.count(t)}" for t in ordered(qtypes)) + ")")
 
     # 2. generate: every model answers every question with the same decoding settings
-    answers = {"prior": [prior.get(t, "") for t in qtypes]}  # a type unseen in training: empty answer
-    for name, path in named.items():
+    answers = {"prior": [prior.get(t, "") for t in qtypes]} if prior and records else {}  # unseen type: ""
+    for name, path in named.items() if records else ():
         t0 = time.time()
         share = records[rank * len(records) // world:(rank + 1) * len(records) // world]
         answers[name] = gather(generate_answers(name, path, share, args))  # every rank's, in order
@@ -160,7 +420,7 @@ def main(args):
     if rank > 0:
         return None  # scoring and files are rank 0's
 
-    # 3. score against the ground truth
+    # 3. score against the ground truth; predictions per model
     results, scores = {}, {}
     for name, preds in answers.items():
         scores[name] = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
@@ -168,19 +428,51 @@ def main(args):
         print(f"{name}: accuracy {100 * results[name]['accuracy']:.1f}% "
               f"(micro {100 * results[name]['accuracy_micro']:.1f}%)")
 
-    # 4. report: predictions per model, results merged with earlier runs in --out, one table of all of them
-    # (nothing is written before this point: an eval that fails leaves no output)
+    # predictions per model (nothing is written before this point: an eval that fails leaves no output)
     data.start_run(out, args, resume=False)
     for name, preds in answers.items():
-        rows = [{"id": r["id"], "type": t, "question": r["turns"][-1][0].replace(data.VIDEO, "").strip(),
-                 "truth": y, "prediction": p, "score": s}
+        rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
+                 "question": r["turns"][-1][0].replace(data.VIDEO, "").strip()}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores[name])]
         data.write_atomic(out / f"predictions_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    merged = merge_results(merged, results, settings)
+
+    # 4. the benchmarks: every model (and the prior) answers every question, then the judge scores each item
+    # on its task's criteria
+    bench = {}
+    if args.benchmark:
+        items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit)
+        questions = {}  # (video, question) -> type; a consistency Q1 is often a generic question too: ask once
+        for it in items:
+            for q in it["questions"]:
+                questions.setdefault((it["video"], q), it["type"])
+        index = {k: i for i, k in enumerate(questions)}
+        print(f"benchmark: {len(items)} items, {len(questions)} distinct questions from {args.benchmark}; "
+              f"judge {judge_name}")
+        recs = [{"video": v, "turns": [(f"{data.VIDEO}\n{q}", "")]} for v, q in questions]
+        bench_answers = {"prior": [prior.get(t, "") for t in questions.values()]} if prior else {}
+        for name, path in named.items():
+            bench_answers[name] = generate_answers(name, path, recs, args)
+        for name, ans in bench_answers.items():
+            rows = []
+            for it in tqdm(items, desc=f"judge {name}"):
+                preds = [ans[index[it["video"], q]] for q in it["questions"]]
+                for c in TASK_CRITERIA[it["task"]]:
+                    result, replies = judge(c, it, preds)
+                    rows.append({**{k: v for k, v in it.items() if k != "video"}, "criterion": c, "predictions": preds,
+                                 "score": None, "pred": None, **(result or {}), "replies": replies})
+            data.write_atomic(out / f"benchmark_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+            bench[name] = bench_summary(rows)
+
+    # 5. results merged with earlier runs in --out, one table of all of them
+    merged = merge_results(merged, results, settings, bench)
     data.write_atomic(results_file, json.dumps(merged, indent=1))
-    print("accuracy (%), describe = slot F1; overall = mean over types, micro = mean over questions")
-    print(table(merged["models"]))
-    print(f"wrote {results_file} and predictions_*.jsonl")
+    if merged["models"]:
+        print("accuracy (%), describe = slot F1; overall = mean over types, micro = mean over questions")
+        print(table(merged["models"]))
+    if bench:
+        print("Video-ChatGPT benchmark (0-5), zero-shot QA accuracy (%) and score (0-5); failed = unreadable replies")
+        print(bench_table(merged["benchmark"]))
+    print(f"wrote {results_file}, predictions_*.jsonl" + (", benchmark_*.jsonl" if bench else ""))
     return merged
 
 

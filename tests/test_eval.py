@@ -91,7 +91,7 @@ def test_end_to_end_two_models_merge_and_batching(world):
     assert json.loads((out / "results.json").read_text()) == res
     assert json.loads((out / "config.json").read_text())["models"] == [f"a={ckpt}", f"b={ckpt}"]
     preds = [json.loads(line) for line in (out / "predictions_a.jsonl").read_text().splitlines()]
-    assert len(preds) == 12 and set(preds[0]) == {"id", "type", "question", "truth", "prediction", "score"}
+    assert len(preds) == 12 and set(preds[0]) == {"id", "type", "video", "question", "truth", "prediction", "score"}
     assert "<video>" not in preds[0]["question"]
     prior = [json.loads(line) for line in (out / "predictions_prior.jsonl").read_text().splitlines()]
     sft = data.read_conversations(shapes / "sft.jsonl")
@@ -148,3 +148,207 @@ def test_table_is_fixed_width_in_qtypes_order():
     assert lines[0].split() == ["model", "colour", "order", "overall", "micro"]
     assert lines[1].split() == ["prior", "100.0", "50.0", "75.0", "75.0"]
     assert lines[2].split() == ["a_long_name", "25.0", "-", "25.0", "25.0"]  # a type the model was not asked
+
+
+# ----------------------------------------------------------------------------- benchmarks and judges
+def test_parse_reply_reads_the_usual_replies():
+    assert ev.parse_reply("{'score': 4}") == {"score": 4.0}
+    assert ev.parse_reply('Sure. {"score": 3.5} is my grade') == {"score": 3.5}  # JSON quoting, text around it
+    assert ev.parse_reply("Score: 4") == {"score": 4.0}
+    assert ev.parse_reply("{'pred': 'yes', 'score': 5}", qa=True) == {"pred": "yes", "score": 5.0}
+    assert ev.parse_reply("{'pred': 'No', 'score': '1'}", qa=True) == {"pred": "no", "score": 1.0}
+    assert ev.parse_reply("pred: no, score = 2", qa=True) == {"pred": "no", "score": 2.0}
+    assert ev.parse_reply("Yes. Score: 4", qa=True) == {"pred": "yes", "score": 4.0}
+    for bad in ["", "The answer is good.", "{'score': 7}", "{'score': -1}", "{'score': 'high'}", "{score: }"]:
+        assert ev.parse_reply(bad) is None, bad
+    assert ev.parse_reply("{'score': 4}", qa=True) is None  # zero-shot QA needs the yes/no verdict too
+    assert ev.parse_reply("{'pred': 'maybe', 'score': 3}", qa=True) is None
+
+
+def test_rule_judge_by_hand():
+    item = {"type": "describe", "truth": TRUTH, "questions": ["Describe it."]}
+    missing = "The video shows two objects. A red circle moves left."  # 3 of the truth's 6 facts, none wrong
+    assert ev.rule_judge("correctness", item, [missing])[0]["score"] == pytest.approx(5 * data.slot_f1(missing, TRUTH))
+    assert ev.rule_judge("detail", item, [missing])[0]["score"] == pytest.approx(2.5)  # recall 3/6
+    assert ev.rule_judge("context", item, [missing])[0]["score"] == 5  # precision: nothing made up
+    short = {"type": "colour", "truth": "red", "questions": ["q1", "q2"]}
+    assert ev.rule_judge("consistency", short, ["Red.", "red"])[0]["score"] == 5
+    assert ev.rule_judge("consistency", short, ["red", "blue"])[0]["score"] == 0  # one phrasing wrong
+    assert ev.rule_judge("qa", short, ["the red"])[0] == {"score": 5, "pred": "yes"}
+    assert ev.rule_judge("qa", short, ["red circle"])[0] == {"score": 0, "pred": "no"}
+    free = {"type": "other", "truth": "a man plays the guitar", "questions": ["q"]}  # official files: no type
+    assert ev.rule_judge("correctness", free, ["man playing guitar"])[0]["score"] == pytest.approx(5 * 2 / 3)  # 2 of 3 words
+    assert ev.rule_judge("qa", free, ["A man plays the guitar."])[0]["pred"] == "yes"
+
+
+def test_find_video_tries_extensions(tmp_path):
+    (tmp_path / "v1.avi").write_bytes(b"")
+    assert ev.find_video(tmp_path, "v1") == str(tmp_path / "v1.avi")  # MSVD-style names have no extension
+    assert ev.find_video(tmp_path, "v1.avi") == str(tmp_path / "v1.avi")
+    with pytest.raises(FileNotFoundError, match="--videos"):
+        ev.find_video(tmp_path, "v2")
+
+
+def bench_args(world, out, **kw):
+    shapes = world / "shapes"
+    return ev.Args(**{**dict(models=[f"a={world / 'sft'}"], data=str(shapes / "eval.jsonl"),
+                             prior_data=str(shapes / "sft.jsonl"), out=str(out), benchmark=str(shapes / "benchmark"),
+                             max_new_tokens=6, limit=3, device="cpu"), **kw})
+
+
+def test_benchmark_end_to_end_rule_judge(world):
+    """A random model through the whole benchmark path; then the judge can't be swapped in the same folder."""
+    res = ev.main(bench_args(world, world / "bench"))
+    bench = res["benchmark"]
+    assert bench["judge"] == "rule" and res["settings"]["judge"] == "rule" and list(bench["models"]) == ["prior", "a"]
+    n = {c: 3 for c in ev.CRITERIA} | {"correctness": 3, "detail": 3, "context": 3}
+    for m in bench["models"].values():
+        assert m["n"] == n and sum(m["failed"].values()) == 0  # limit 3 per file; the rule judge always answers
+        assert all(0 <= m[c] <= 5 for c in ["correctness", "detail", "context", "temporal", "consistency"])
+        assert 0 <= m["qa_accuracy"] <= 1
+    rows = [json.loads(l) for l in (world / "bench" / "benchmark_a.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 3 + 3 + 3 + 3 and {r["task"] for r in rows} == set(ev.FILES)
+    assert all(len(r["predictions"]) == len(r["questions"]) for r in rows)
+    assert "rule" in ev.bench_table(bench).splitlines()[0]
+    with pytest.raises(ValueError, match="another --out"):  # numbers of two judges never share a table
+        ev.main(bench_args(world, world / "bench", judge="openai:http://127.0.0.1:9/v1"))
+
+
+def truthful_answers(world, monkeypatch):
+    """Stand-in generation: every benchmark question answered with its file's answer (matched by video and
+    question), so every score is known."""
+    bench = world / "shapes" / "benchmark"
+    truth = {}
+    for file in ev.FILES.values():
+        for r in data.read_benchmark(bench / file):
+            for q in [r.get("Q"), r.get("Q1"), r.get("Q2"), r.get("question")]:
+                truth[str(world / "shapes" / "videos" / r["video_name"]), q] = r.get("A", r.get("answer"))
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: [
+        truth[r["video"], r["turns"][-1][0].replace(f"{data.VIDEO}\n", "")] for r in recs])
+
+
+def test_benchmark_rule_judge_gives_full_marks_to_the_truth(world, monkeypatch):
+    truthful_answers(world, monkeypatch)
+    res = ev.main(bench_args(world, world / "truthful", data="", prior_data="", limit=0))
+    assert list(res["models"]) == [] and list(res["benchmark"]["models"]) == ["a"]  # benchmark only, no prior
+    m = res["benchmark"]["models"]["a"]
+    assert [m[c] for c in ev.BENCH_COLS] == [5, 5, 5, 5, 5, 1, 5]
+    assert m["n"]["consistency"] == len(data.read_benchmark(world / "shapes" / "benchmark" / "consistency_qa.json"))
+
+
+class ChatServer:
+    """A chat-completions endpoint on loopback answering by criterion: 'Score: 4' text for correctness, JSON
+    for detail, a Python dict for context and QA, never anything readable for temporal, and for consistency
+    only once reminded of the format. The very first request fails with HTTP 500 (retried)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, self.headers.get("Authorization"), body))
+                prompt = body["messages"][-1]["content"]
+                if len(server.requests) == 1:
+                    self.send_error(500)
+                    return
+                reply = ("Score: 4" if ev.CRITERIA["correctness"] in prompt else
+                         '{"score": 2}' if ev.CRITERIA["detail"] in prompt else
+                         "{'score': 5}" if ev.CRITERIA["context"] in prompt else
+                         "{'pred': 'yes', 'score': 4}" if ev.CRITERIA["qa"] in prompt else
+                         "{'score': 3}" if ev.REMINDER in prompt and ev.CRITERIA["consistency"] in prompt else
+                         "I would rather not say.")
+                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_judge_on_a_loopback_server(world, monkeypatch):
+    truthful_answers(world, monkeypatch)
+    for k in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):  # the request must stay on loopback
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sekrit")
+    server = ChatServer()
+    try:
+        res = ev.main(bench_args(world, world / "openai", data="", prior_data="", limit=2, judge=f"openai:{server.url}",
+                                 judge_model="grader-1", judge_key_env="TEST_JUDGE_KEY", judge_retries=2))
+    finally:
+        server.close()
+    assert res["benchmark"]["judge"] == f"openai:{server.url} model=grader-1"
+    m = res["benchmark"]["models"]["a"]
+    assert (m["correctness"], m["detail"], m["context"], m["consistency"], m["qa_accuracy"], m["qa_score"]) == \
+           (4, 2, 5, 3, 1, 4)
+    assert m["temporal"] is None and m["failed"] == {c: 2 if c == "temporal" else 0 for c in ev.CRITERIA}
+    # 2 items per file: 6 generic + 2 x 3 temporal tries + 2 x 2 consistency tries + 2 QA, and the failed first request
+    assert len(server.requests) == 6 + 6 + 4 + 2 + 1
+    assert all(p == "/v1/chat/completions" and auth == "Bearer sekrit" and body["model"] == "grader-1"
+               and body["temperature"] == 0 for p, auth, body in server.requests)
+    rows = [json.loads(l) for l in (world / "openai" / "benchmark_a.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if r["score"] is None]
+    assert len(failed) == 2 and all(r["criterion"] == "temporal" and len(r["replies"]) == 3 for r in failed)
+
+
+def test_openai_judge_fails_loudly_when_the_server_is_down():
+    ask = ev.openai_ask("http://127.0.0.1:9/v1", "m", "NO_SUCH_KEY_VARIABLE", timeout=2, retries=0, max_tokens=4)
+    with pytest.raises(RuntimeError, match="127.0.0.1:9"):  # port 9 (discard): nothing listens
+        ask("hello")
+
+
+@pytest.fixture(scope="module")
+def hf_judge_dir(world):
+    """A tiny random LlamaForCausalLM with the world's tokenizer (no chat template): it replies garbage."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = data.load_tokenizer(str(world / "shapes" / "tokenizer"))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    path = world / "hf_judge"
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_hf_judge_counts_unreadable_replies_as_failed(world, hf_judge_dir, monkeypatch):
+    truthful_answers(world, monkeypatch)
+    res = ev.main(bench_args(world, world / "hf", data="", prior_data="", limit=1, judge=f"hf:{hf_judge_dir}",
+                             judge_retries=1, judge_max_tokens=5))
+    assert res["benchmark"]["judge"] == f"hf:{hf_judge_dir}"
+    m = res["benchmark"]["models"]["a"]
+    assert m["failed"] == m["n"] == {c: 1 for c in ev.CRITERIA}  # never silently dropped, never scored as 0
+    assert all(m[c] is None for c in ev.BENCH_COLS)
+    rows = [json.loads(l) for l in (world / "hf" / "benchmark_a.jsonl").read_text().splitlines()]
+    assert all(len(r["replies"]) == 2 and r["score"] is None for r in rows)  # asked, then reminded once
+    assert "-" in ev.bench_table(res["benchmark"]).splitlines()[-1]
+
+
+def test_hf_judge_uses_the_chat_template(hf_judge_dir, monkeypatch):
+    import shutil
+    from transformers import AutoTokenizer
+    path = hf_judge_dir.parent / "hf_judge_chat"
+    shutil.copytree(hf_judge_dir, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = "{% for m in messages %}USER: {{ m['content'] }}{% endfor %} JUDGE:"
+    tok.save_pretrained(path)
+    seen, real = [], tok.__class__.__call__  # the text the judge's tokenizer is given
+    monkeypatch.setattr(tok.__class__, "__call__", lambda self, text, **k: seen.append(text) or real(self, text, **k))
+    ask = ev.hf_ask(str(path), "cpu", max_new_tokens=3)
+    assert isinstance(ask("Grade this."), str)
+    assert seen == ["USER: Grade this. JUDGE:"]  # without a template: "Grade this.\nReply: "
