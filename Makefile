@@ -1,8 +1,8 @@
 # make test       create .venv (first time), install requirements, run the test suite
-# make reproduce  the whole pipeline on the synthetic world: world -> SFT -> preferences -> RM -> PPO -> eval
-#                 -> runs/tiny/report.html
-#                 (incremental: a stage whose checkpoint exists is skipped; CONTEXT=gt|self|none picks the
-#                 context the judge reads)
+# make reproduce  the whole pipeline on the synthetic world: world -> SFT -> preferences (judged with each
+#                 context: none, self, gt) -> RM -> PPO -> eval -> runs/tiny/report.html + runs/tiny/results.json
+#                 (incremental: a stage whose output exists is skipped, an interrupted one resumes;
+#                 CONTEXT=gt|self|none picks whose preferences train the RM)
 PY := .venv/bin/python
 WORLD := data/shapes
 RUN := runs/tiny
@@ -17,25 +17,34 @@ CONTEXT ?= self
 test: .venv/installed
 	$(PY) -m pytest -q tests
 
-reproduce: .venv/installed $(RUN)/eval/results.json $(RUN)/report.html
+reproduce: .venv/installed $(RUN)/results.json
+
+# $(call timed,NAME,COMMAND): run a stage and record its wall seconds in $(RUN)/seconds/NAME.s
+timed = mkdir -p $(RUN)/seconds && t=$$(date +%s%N) && $(2) && \
+	awk "BEGIN { print ($$(date +%s%N) - $$t) / 1e9 }" > $(RUN)/seconds/$(1).s
 
 $(WORLD)/world.json:
-	$(PY) data.py --out $(WORLD)
+	$(call timed,world,$(PY) data.py --out $(WORLD))
 
 $(RUN)/sft/model/config.json: $(WORLD)/world.json
-	$(PY) sft.py --out $(RUN)/sft
+	$(call timed,sft,$(PY) sft.py --out $(RUN)/sft --resume true)
 
-$(RUN)/prefs_$(CONTEXT)/summary.json: $(RUN)/sft/model/config.json
-	$(PY) make_prefs.py --context $(CONTEXT) --out $(RUN)/prefs_$(CONTEXT) --resume true
+# every context mode is judged, for the judge-agreement comparison; the RM learns from CONTEXT's labels
+$(RUN)/prefs_%/summary.json: $(RUN)/sft/model/config.json
+	$(call timed,prefs_$*,$(PY) make_prefs.py --context $* --out $(RUN)/prefs_$* --resume true)
 
 $(RUN)/rm/model/config.json: $(RUN)/prefs_$(CONTEXT)/summary.json
-	$(PY) train_rm.py --prefs $(RUN)/prefs_$(CONTEXT)/prefs.jsonl --out $(RUN)/rm
+	$(call timed,rm,$(PY) train_rm.py --prefs $(RUN)/prefs_$(CONTEXT)/prefs.jsonl --out $(RUN)/rm --resume true)
 
 $(RUN)/ppo/model/config.json: $(RUN)/rm/model/config.json
-	$(PY) ppo.py --out $(RUN)/ppo --resume true
+	$(call timed,ppo,$(PY) ppo.py --out $(RUN)/ppo --resume true)
 
 $(RUN)/eval/results.json: $(RUN)/ppo/model/config.json
-	$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --out $(RUN)/eval
+	$(call timed,eval,$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --out $(RUN)/eval)
 
-$(RUN)/report.html: $(RUN)/eval/results.json
-	$(PY) report.py --eval $(RUN)/eval --rm $(RUN)/rm/model --metrics $(RUN)/ppo/metrics.jsonl --out $@
+# report.html and the run's headline numbers (models, judge_agreement, rm_accuracy, seconds) in results.json
+$(RUN)/results.json: $(RUN)/eval/results.json $(foreach c,none self gt,$(RUN)/prefs_$(c)/summary.json)
+	$(PY) report.py --eval $(RUN)/eval --rm $(RUN)/rm/model --metrics $(RUN)/ppo/metrics.jsonl \
+		--prefs $(foreach c,none self gt,$(RUN)/prefs_$(c)) --rm_summary $(RUN)/rm/summary.json \
+		--seconds $(RUN)/seconds --out $(RUN)/report.html --summary $@
+	@cat $@

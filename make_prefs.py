@@ -283,7 +283,8 @@ def main(a: Args):
     # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
     prefs = data.read_log(files["prefs"])
     data.write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
-    s = summarize(prefs, data.read_log(files["oracle"]) if truth is not None else None, data.read_log(files["metrics"]))
+    s = {"context": a.context, "judge": a.judge or a.sft,
+         **summarize(prefs, data.read_log(files["oracle"]) if truth is not None else None, data.read_log(files["metrics"]))}
     data.write_atomic(out / "summary.json", json.dumps(s, indent=1))
     agree = "no oracle" if truth is None or s["agreement"] is None else \
         f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"

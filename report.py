@@ -13,7 +13,7 @@ import base64
 import html
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -30,6 +30,10 @@ class Args:
     rm: str = "runs/tiny/rm/model"  # reward model that scores the shown answers ("" = no RM scores)
     metrics: str = "runs/tiny/ppo/metrics.jsonl"  # ppo.py's per-iteration log, for the curves ("" = no curves)
     out: str = "runs/tiny/report.html"  # the report
+    prefs: list = field(default_factory=list)  # make_prefs.py run folders (summary.json): judge agreement per context
+    rm_summary: str = ""  # train_rm.py's summary.json: held-out accuracy ("" = none)
+    seconds: str = ""  # folder of <stage>.s files, each a stage's wall seconds (written by make reproduce)
+    summary: str = ""  # also write the run's numbers here as JSON (models, judge_agreement, rm_accuracy, seconds)
     samples: int = 8  # eval questions shown, each from a different video
     frames: int = 8  # frames in each strip, sampled uniformly
     frame_height: int = 96  # pixels; the tiny world's 48-pixel frames are enlarged without smoothing
@@ -138,6 +142,16 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}t
          "padding:4px 0}.sample{border-top:1px solid #ddd;padding:.5em 0}img{image-rendering:pixelated}")
 
 
+def run_summary(results, prefs, rm_summary, seconds):
+    """The run's headline numbers in one dict: accuracy per model and type, the judge's agreement with the
+    oracle per context mode, the RM's held-out accuracy on AI labels, wall seconds per stage."""
+    read = lambda p: json.loads(Path(p).read_text())
+    return {"models": {n: {"accuracy": m["accuracy"], "by_type": m["by_type"]} for n, m in results.get("models", {}).items()},
+            "judge_agreement": {s["context"]: s.get("agreement") for s in map(read, (Path(p, "summary.json") for p in prefs))},
+            "rm_accuracy": read(rm_summary)["heldout_acc"] if rm_summary else None,
+            "seconds": {f.stem: float(f.read_text()) for f in sorted(Path(seconds).glob("*.s"))} if seconds else {}}
+
+
 def main(a: Args):
     esc = html.escape
     # 1. the results and every model's predictions (eval.py's files); rows are matched by question id
@@ -159,6 +173,18 @@ def main(a: Args):
     body = [f"<h1>VLM-RLAIF run report</h1><p>eval folder <code>{esc(a.eval)}</code>; decoding: temperature "
             f"{results['settings']['temperature']}, at most {results['settings']['max_new_tokens']} new tokens</p>",
             "<h2>Results</h2>", results_tables(results)]
+    summary = run_summary(results, a.prefs, a.rm_summary, a.seconds)
+    if summary["judge_agreement"] or summary["rm_accuracy"] is not None or summary["seconds"]:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+        body.append("<table><caption>AI feedback: agreement (%) with the oracle on pairs that differ in "
+                    "correctness, per judge context; RM held-out accuracy (%) on AI labels</caption>"
+                    + "".join(f"<tr><td>judge, context {esc(c)}</td><td>{pct(v)}</td></tr>"
+                              for c, v in summary["judge_agreement"].items())
+                    + f"<tr><td>RM held-out</td><td>{pct(summary['rm_accuracy'])}</td></tr></table>")
+        body.append("<table><caption>wall seconds per stage</caption>" + "".join(
+            f"<tr><td>{esc(k)}</td><td>{v:.0f}</td></tr>" for k, v in summary["seconds"].items()) + "</table>")
+    if a.summary:
+        data.write_atomic(a.summary, json.dumps(summary, indent=1))
     if a.metrics:
         log = [r for _, r in data.read_records(a.metrics) if "iteration" in r]
         body.append(f"<h2>PPO ({len(log)} iterations, <code>{esc(a.metrics)}</code>)</h2><div>")

@@ -134,3 +134,22 @@ def test_pick_spreads_over_types_and_videos():
     assert {rows[i]["type"] for i in picked} == {"colour", "count", "order"}
     assert len(report.pick(rows, 50, seed=0)) == 6  # one per video at most
     assert report.pick(rows, 5, seed=0) != report.pick(rows, 5, seed=1)
+
+
+def test_run_summary_collects_the_headline_numbers(run, tmp_path):
+    for ctx, agree in (("none", 0.5), ("gt", 0.9)):
+        (tmp_path / ctx).mkdir()
+        (tmp_path / ctx / "summary.json").write_text(json.dumps({"context": ctx, "agreement": agree, "n_pairs": 3}))
+    (tmp_path / "rm.json").write_text(json.dumps({"heldout_acc": 0.75, "n_heldout": 4}))
+    (tmp_path / "seconds").mkdir()
+    (tmp_path / "seconds" / "sft.s").write_text("12.5\n")
+    out = tmp_path / "results.json"
+    report.main(report.Args(eval=str(run / "eval"), rm="", metrics="", out=str(tmp_path / "r.html"), samples=1,
+                            prefs=[str(tmp_path / "none"), str(tmp_path / "gt")], rm_summary=str(tmp_path / "rm.json"),
+                            seconds=str(tmp_path / "seconds"), summary=str(out), device="cpu"))
+    s = json.loads(out.read_text())
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(s["models"]) == {"prior", "sft", "rlaif"}
+    assert s["models"]["sft"] == {k: results["models"]["sft"][k] for k in ("accuracy", "by_type")}
+    assert s["judge_agreement"] == {"none": 0.5, "gt": 0.9} and s["rm_accuracy"] == 0.75 and s["seconds"] == {"sft": 12.5}
+    assert "judge, context gt" in (tmp_path / "r.html").read_text()
