@@ -3,7 +3,7 @@
 #                 (incremental: a stage whose checkpoint exists is skipped; CONTEXT=gt|self|none picks the
 #                 context the judge reads)
 # make bench      our model against transformers on identical weights: tokens/s, step time, compile, memory
-#                 (about 10 minutes on 2 CPU cores; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
+#                 (13-33 minutes on the shared 2-core CPU; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
 PY := .venv/bin/python
 WORLD := data/shapes
 RUN := runs/tiny
