@@ -3,12 +3,14 @@
 #                 context: none, self, gt) -> RM -> PPO -> eval -> runs/tiny/report.html + runs/tiny/results.json
 #                 (incremental: a stage whose output exists is skipped, an interrupted one resumes;
 #                 CONTEXT=gt|self|none picks whose preferences train the RM)
+# make bench      our model against transformers on identical weights: tokens/s, step time, compile, memory
+#                 (13-33 minutes on the shared 2-core CPU; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
 PY := .venv/bin/python
 WORLD := data/shapes
 RUN := runs/tiny
 CONTEXT ?= self
 
-.PHONY: test reproduce
+.PHONY: test reproduce bench
 .venv/installed: requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q -r requirements.txt
@@ -22,6 +24,9 @@ reproduce: .venv/installed $(RUN)/results.json
 # $(call timed,NAME,COMMAND): run a stage and record its wall seconds in $(RUN)/seconds/NAME.s
 timed = mkdir -p $(RUN)/seconds && t=$$(date +%s%N) && $(2) && \
 	awk "BEGIN { print ($$(date +%s%N) - $$t) / 1e9 }" > $(RUN)/seconds/$(1).s
+
+bench: .venv/installed
+	$(PY) bench.py $(BENCH_ARGS)
 
 $(WORLD)/world.json:
 	$(call timed,world,$(PY) data.py --out $(WORLD))

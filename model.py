@@ -161,10 +161,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # normalise in fp32 and cast back before the weight, exactly as HF LLaMA, so bf16 results match it
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # normalise in fp32 and cast back before the weight, exactly as HF LLaMA, so bf16 results match it;
+        # F.rms_norm is one call instead of five small ops (measured at decode size: 20 vs 28 us)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
@@ -207,17 +206,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, D), mask (B, 1, T, S) bool
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.n_kv)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.n_kv)
+        # (B, T, heads * hd) -> (B, heads, T, hd); view + transpose rather than einops here: this runs for
+        # every layer at every sampled token, and einops' parsing cost about 4% of the tiny model's sampling time
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, -1)).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
-        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv
-        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv; SDPA
+        # does the grouping itself, without copying the keys and values per query head (profiled: that
+        # copy of the whole cache at every step was 40% of the tiny model's sampling time)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 class LlamaMLP(nn.Module):
@@ -351,7 +352,7 @@ class VideoLLM(nn.Module):
         the end of the response. Masking here, not in generate, keeps sampling and recomputed logprobs equal.
         -1e9 rather than -inf: exp gives exactly 0 but p * log p stays 0 (an entropy with -inf gives NaN)."""
         banned = torch.tensor([self.cfg.video_token_id, self.cfg.pad_token_id], device=hidden.device)
-        return self.lm_head(hidden).index_fill(-1, banned, -1e9)
+        return self.lm_head(hidden).index_fill_(-1, banned, -1e9)  # in place: no copy of the (B, T, V) logits
 
     def values(self, hidden):  # (B, T, D) -> (B, T)
         return self.score_head(hidden).squeeze(-1)
@@ -398,12 +399,19 @@ class VideoLLM(nn.Module):
 
 
 def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
-    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p."""
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p, then draw one
+    token per row by inverting the cumulative distribution (the first token whose cumulative mass exceeds
+    u * total, u ~ U[0, 1): a zero-probability token is never drawn). Same distribution as torch.multinomial,
+    which on CPU draws an exponential per vocabulary entry: 12.7 ms against 0.6 ms here for 16 rows of 32k
+    tokens (measured on 1 core)."""
     if top_p < 1.0:
         p, idx = probs.sort(-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # mass BEFORE a token already enough: drop it
         probs = torch.zeros_like(probs).scatter(-1, idx, p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = probs.double().cumsum(-1)  # float64: a 32k-term running sum stays exact enough
+    u = torch.rand(probs.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    # the clamp only guards u * total rounding up to total itself
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
 def resize_vocab(model: VideoLLM, vocab_size: int):

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, load_hf_clip_vision,
-                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, resize_vocab, save_pretrained)
+                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, resize_vocab, sample_top_p,
+                   save_pretrained)
 
 TOL = 1e-4
 # tiny tensors: OpenMP threads only add sync overhead (seen here: 25 s with 2 threads vs 4 s with 1)
@@ -329,3 +330,13 @@ def test_new_head_keeps_the_body(tmp_path):
     assert torch.equal(value.values(value(ids, mask, videos)), torch.zeros(2, ids.shape[1]))
     with pytest.raises(ValueError, match="'reward' model, but a 'policy'"):
         load_pretrained(str(tmp_path / "rm"), kind="policy")
+
+
+def test_sampler_draws_the_given_distribution():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0]).expand(40_000, -1)  # zeros first, between and last
+    draws = sample_top_p(probs, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6) / len(draws)
+    assert (freq[probs[0] == 0] == 0).all()
+    assert (freq - probs[0]).abs().max() < 0.01  # 4 standard errors at 40k draws
+    nucleus = sample_top_p(probs, 0.6, torch.Generator().manual_seed(0))  # top_p 0.6 keeps {0.5, 0.3}
+    assert set(nucleus.tolist()) == {1, 4}

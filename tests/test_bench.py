@@ -1,0 +1,38 @@
+"""bench.py runs end to end on a miniature configuration (seconds), so `make bench` does not rot."""
+import math
+import queue
+
+import torch
+
+import bench
+import sft
+
+torch.set_num_threads(1)
+
+
+def test_bench_runs_and_prints_ratios(capsys):
+    ratios = bench.main(bench.Args(sizes=["mini"], threads=1, batch=2, new_tokens=4, naive=["mini"], compile=[],
+                                   memory=False))
+    out = capsys.readouterr().out
+    printed = dict(line.split()[1:] for line in out.splitlines() if line.startswith("ratio "))
+    assert set(printed) == {"gen_vs_hf_mini", "gen_vs_naive_mini", "train_vs_hf_mini"} == set(ratios)
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert "max logit difference ours vs HF" in out  # identical weights were checked
+
+
+def test_peak_memory_measurement(tmp_path):
+    # what bench.peak_mb runs in a fresh process, run here in-process (a fresh interpreter costs seconds)
+    bench.save_hf(bench.SHAPES["mini"], str(tmp_path))
+    result = queue.Queue()
+    bench._peak_child("mini", str(tmp_path), "gen_ours", bench.Args(threads=1, batch=64, new_tokens=32), result)
+    assert 0 < result.get() < 500  # the KV cache and logits of 64 rows take some memory, not gigabytes
+
+
+def test_tiny_shape_is_sfts_default_model():
+    a, tiny = sft.Args(), bench.SHAPES["tiny"]
+    assert tiny["llm"] == dict(vocab_size=tiny["llm"]["vocab_size"], hidden_size=a.hidden, num_layers=a.layers,
+                               num_heads=a.heads, num_kv_heads=a.kv_heads,
+                               intermediate_size=(8 * a.hidden // 3 + 7) // 8 * 8)
+    assert tiny["vision"] == dict(image_size=a.image_size, patch_size=a.patch, hidden_size=a.vision_hidden,
+                                  num_layers=a.vision_layers, num_heads=4, intermediate_size=4 * a.vision_hidden)
+    assert tiny["frames"] == a.frames
