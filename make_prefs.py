@@ -109,8 +109,9 @@ def summarize(prefs, oracle, metrics):
 
 # ----------------------------------------------------------------------------- model calls
 def answer_token_ids(tok, path):
-    """Ids of " A" and " B": the judge was trained to reply " A" or " B" then EOS (data.encode prepends the
-    space), so its verdict is in the logits of these two tokens at the first assistant position."""
+    """Ids of " A" and " B": the judge was trained to end its reply with data.VERDICT then " A" or " B" then
+    EOS (data.encode prepends the space), so its verdict is in the logits of these two tokens right after
+    data.VERDICT."""
     ids = [tok(" A", add_special_tokens=False).input_ids, tok(" B", add_special_tokens=False).input_ids]
     if any(len(i) != 1 for i in ids):
         raise ValueError(f"{path}: the judge's answer tokens must be single tokens, but ' A' -> {ids[0]} and "
@@ -118,10 +119,18 @@ def answer_token_ids(tok, path):
     return ids[0][0], ids[1][0]
 
 
-def left_padded(tok, users, cfg, device):
+def verdict_prefix(reply):
+    """The judge's generated reply up to and including data.VERDICT (appended where the reply lacks it, e.g.
+    cut at max_new_tokens): the assistant text after which the verdict token is read."""
+    return f"{reply.split(data.VERDICT)[0].strip()} {data.VERDICT}".strip()
+
+
+def left_padded(tok, users, cfg, device, prefixes=None):
     """One-turn generation prompts in the model's template, LEFT-padded (SPEC 5): every row's last column is
-    its last prompt token."""
+    its last prompt token. prefixes: assistant text already written, tokenized as data.encode does."""
     prompts = [data.encode(tok, [(u, None)], cfg.n_video_tokens, system=cfg.system)[0] for u in users]
+    if prefixes is not None:
+        prompts = [p + tok(" " + x, add_special_tokens=False).input_ids for p, x in zip(prompts, prefixes)]
     ids = data.pad(prompts, tok.pad_token_id, left=True)
     mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: right whatever ids hold
     return ids.to(device), mask.to(device)
@@ -136,10 +145,12 @@ def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p
     return [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip() for r in resp.tolist()]
 
 
-def prob_a(judge, tok, users, videos, ab):
-    """P(" A") for each judging turn: one forward, the logits at the last prompt token (the first assistant
-    position), softmax over just " A" and " B" -> (N,)."""
-    ids, mask = left_padded(tok, users, judge.cfg, videos.device)
+def prob_a(judge, tok, users, videos, ab, max_new_tokens):
+    """P(" A") for each judging turn. The judge first writes, greedily, what the answer should be
+    (data.judge_reply); its reply is cut after data.VERDICT and read again: the logits at that last position,
+    softmax over just " A" and " B" -> (N,)."""
+    replies = generate_texts(judge, tok, users, videos, max_new_tokens, 0.0, 1.0, None)
+    ids, mask = left_padded(tok, users, judge.cfg, videos.device, [verdict_prefix(r) for r in replies])
     hidden = judge(ids, mask, videos)[:, -1]  # left-padded: the last column is every row's last real token
     return two_way(judge.logits(hidden), *ab).cpu()
 
@@ -253,7 +264,7 @@ def main(a: Args):
                 users = [f"{data.VIDEO}\n" + data.judge_prompt(p["question"], *((a1, a2) if o == 0 else (a2, a1)), c)
                          for (p, _, a1, a2), c in zip(pairs, ctx) for o in (0, 1)]
                 vids = torch.stack([video(p["video"], judge.cfg) for p, *_ in pairs for _ in (0, 1)]).to(a.device)
-                p_a = prob_a(judge, jtok, users, vids, ab).view(-1, 2)
+                p_a = prob_a(judge, jtok, users, vids, ab, a.max_new_tokens + 8).view(-1, 2)
             rows, oracle = [], []
             for (p, j, a1, a2), c, (pf, ps) in zip(pairs, ctx, p_a.tolist()):
                 p1, pref, conf = verdict(pf, ps)

@@ -3,6 +3,7 @@ import dataclasses
 import filecmp
 import json
 import random
+import re
 
 import cv2
 import numpy as np
@@ -37,6 +38,11 @@ def test_splits_keep_answers_apart(world):
     assert not videos["sft"] & videos["eval"]
     text = data.read_conversations(world / "text.jsonl")
     assert all(r["video"] is None for r in text) and {"judge"} < {r["type"] for r in text}
+    for r in text + data.read_conversations(world / "sft.jsonl"):  # reference-guided judging: the reference is
+        if r["type"].startswith("judge"):  # the true answer, and the verdict names the answer equal to it
+            user, reply = r["turns"][0]
+            ref, letter = re.fullmatch(rf"Reference: (.*) {data.VERDICT} ([AB])", reply, re.S).groups()
+            assert re.search(rf"Answer {letter}: (.*)\n", user).group(1) == ref
     for name in ("generic_qa", "temporal_qa", "consistency_qa", "zeroshot_qa"):
         assert data.read_benchmark(world / "benchmark" / f"{name}.json")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import model as M
 from conftest import tiny_world
 import make_prefs as mp
 
@@ -62,6 +63,27 @@ def test_answer_tokens_must_be_single(world):
     assert a != b and ids[-2:] == [b, tok.eos_token_id]
 
 
+def test_verdict_is_read_right_after_the_reference(world):
+    assert mp.verdict_prefix("Reference: white Better: B") == "Reference: white Better:"
+    assert mp.verdict_prefix("Reference: the red circle") == "Reference: the red circle Better:"  # cut short
+    assert mp.verdict_prefix("") == "Better:"
+    tok = data.load_tokenizer(str(world / "sft"))
+    full, _ = data.encode(tok, [("Q?", data.judge_reply("white", "B"))], 0)
+    prefix, _ = mp.left_padded(tok, ["Q?"], SimpleNamespace(n_video_tokens=0, system=None), "cpu",
+                               [mp.verdict_prefix("Reference: white Better: B")])
+    assert prefix[0].tolist() == full[:-2]  # the trained reply's tokens up to " B" </s>: the verdict slot
+    judge = M.load_pretrained(str(world / "sft")).eval()
+    user = f"{data.VIDEO}\n" + data.judge_prompt("Q?", "red", "blue", "ctx")
+    video = torch.zeros(1, judge.cfg.num_frames, 3, judge.cfg.vision.image_size, judge.cfg.vision.image_size)
+    ab = mp.answer_token_ids(tok, "world")
+    with torch.no_grad():
+        p = mp.prob_a(judge, tok, [user], video, ab, 6)
+        reply = mp.generate_texts(judge, tok, [user], video, 6, 0.0, 1.0, None)[0]
+        ids, mask = mp.left_padded(tok, [user], judge.cfg, "cpu", [mp.verdict_prefix(reply)])
+        want = mp.two_way(judge.logits(judge(ids, mask, video)[:, -1]), *ab)
+    assert torch.allclose(p, want) and 0 < p.item() < 1
+
+
 def test_pairs_clips_oracle_reference():
     kept, dropped = mp.pairs_of(["The red.", "red", "blue", "green"])  # pair 0 equal after normalising
     assert kept == [(1, "blue", "green")] and dropped == 1
@@ -90,7 +112,7 @@ def test_summary_counts():
 
 def test_position_biased_judge_gives_no_confident_labels(world, tmp_path, monkeypatch):
     """A judge that always prefers the first-shown answer with p=0.9: averaging both orders gives p1 = 0.5."""
-    monkeypatch.setattr(mp, "prob_a", lambda judge, tok, users, videos, ab: torch.full((len(users),), 0.9))
+    monkeypatch.setattr(mp, "prob_a", lambda judge, tok, users, videos, ab, n: torch.full((len(users),), 0.9))
     s = mp.main(args(world, tmp_path))
     prefs = lines(tmp_path / "prefs.jsonl")
     assert prefs and all(p["p1"] == pytest.approx(0.5) and p["confidence"] == pytest.approx(0.5) for p in prefs)
@@ -99,7 +121,7 @@ def test_position_biased_judge_gives_no_confident_labels(world, tmp_path, monkey
 
 def test_content_judge_is_confident_and_files_are_clean(world, tmp_path, monkeypatch):
     """A judge preferring the alphabetically first answer in either position labels it, with confidence 0.9."""
-    def prefers_first_alphabetically(judge, tok, users, videos, ab):
+    def prefers_first_alphabetically(judge, tok, users, videos, ab, max_new_tokens):
         return torch.tensor([0.9 if min(judging(u)) == judging(u)[0] else 0.1 for u in users])
 
     monkeypatch.setattr(mp, "prob_a", prefers_first_alphabetically)
@@ -137,7 +159,7 @@ def test_self_context_described_once_per_video(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mp, "generate_texts", counting)
     mp.main(args(world, tmp_path, context="self", batch_size=3))
-    describes = [c for c in calls if c[0] == 0.0]
+    describes = [c for c in calls if c[0] == 0.0 and data.CRITERIA not in c[2]]  # not the judge's references
     assert len(describes) == 3 and all(n == 3 and "Describe the video" in u for _, n, u in describes)  # 3 videos, 3 clips
     by_video = {}
     for p in lines(tmp_path / "prefs.jsonl"):
@@ -151,7 +173,7 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     calls, real = [0], mp.generate_texts
 
     def crash_in_third_batch(*a, **kw):
-        calls[0] += 1
+        calls[0] += a[5] > 0  # the answer sampling that opens each batch (the judge's references are greedy)
         if calls[0] == 3:
             raise KeyboardInterrupt
         return real(*a, **kw)
