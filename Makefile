@@ -2,13 +2,13 @@
 # make reproduce  the whole pipeline on the synthetic world: world -> SFT -> preferences (judged with each
 #                 context: none, self, gt) -> RM -> PPO -> eval -> runs/tiny/report.html + runs/tiny/results.json
 #                 (incremental: a stage whose output exists is skipped, an interrupted one resumes;
-#                 CONTEXT=gt|self|none picks whose preferences train the RM)
+#                 CONTEXT=gt|self|none picks whose preferences train the RM; gt by default, README)
 # make bench      our model against transformers on identical weights: tokens/s, step time, compile, memory
 #                 (13-33 minutes on the shared 2-core CPU; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
 PY := .venv/bin/python
 WORLD := data/shapes
 RUN := runs/tiny
-CONTEXT ?= self
+CONTEXT ?= gt
 
 .PHONY: test reproduce bench
 .venv/installed: requirements.txt
@@ -52,4 +52,3 @@ $(RUN)/results.json: $(RUN)/eval/results.json $(foreach c,none self gt,$(RUN)/pr
 	$(PY) report.py --eval $(RUN)/eval --rm $(RUN)/rm/model --metrics $(RUN)/ppo/metrics.jsonl \
 		--prefs $(foreach c,none self gt,$(RUN)/prefs_$(c)) --rm_summary $(RUN)/rm/summary.json \
 		--seconds $(RUN)/seconds --out $(RUN)/report.html --summary $@
-	@cat $@

@@ -255,9 +255,7 @@ def perturb(qtype, question, answer, rng):
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 VIDEO = "<video>"
-CRITERIA = ("Which answer is more accurate, grounded in the video, helpful and concise? "
-            "Say what the answer should be, then reply A or B.")
-VERDICT = "Better:"  # the judge's reply ends "Better: A" or "Better: B"; make_prefs reads P(A) / P(B) after it
+CRITERIA = "Which answer is more accurate, grounded in the video, helpful and concise? Reply with the better answer."
 
 
 def judge_prompt(question, answer_a, answer_b, context=None):
@@ -266,14 +264,6 @@ def judge_prompt(question, answer_a, answer_b, context=None):
     parts = [] if context is None else [f"Description of the video: {context}"]
     parts += [f"Question: {question}", f"Answer A: {answer_a}", f"Answer B: {answer_b}", CRITERIA]
     return "\n".join(parts)
-
-
-def judge_reply(reference, better):
-    """The judge's reply: first the answer the video (and the description, when given) supports, then the
-    verdict. A reference-guided judge (Zheng et al. 2023, "Judging LLM-as-a-judge"): it turns a two-hop
-    comparison, at chance for the tiny model after 1,000 steps (README), into reading the description,
-    which it learns, then matching that reading against A and B."""
-    return f"Reference: {reference} {VERDICT} {better}"
 
 
 # SPEC 3: the RM reads the conversation followed by an evaluation request and is scored at its last token
@@ -605,8 +595,9 @@ def _judge_example(id, rng, qa, context, video):
     wrong = perturb(t, q, ans, rng)
     first = rng.random() < 0.5
     prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=context)
-    return _conv(id, video, prompt, judge_reply(ans, "A" if first else "B"),
-                 type="judge" if context else "judge_nocontext")
+    # the judge replies with the better answer itself, not its letter: make_prefs.py reads the verdict from
+    # the judge's likelihood of each answer (the letter was at chance after 1,000 steps; README)
+    return _conv(id, video, prompt, ans, type="judge" if context else "judge_nocontext")
 
 
 def generate_world(a: WorldArgs):

@@ -58,11 +58,6 @@ def clip_spans(n):
     return [(i / n, (i + 1) / n) for i in range(n)]
 
 
-def two_way(logits, id_a, id_b):
-    """P(" A") from the judge's next-token logits, softmax over just the two answer tokens (..., V) -> (...)."""
-    return torch.softmax(logits[..., [id_a, id_b]].float(), dim=-1)[..., 0]
-
-
 def verdict(p_a_first, p_a_second):
     """Both orders averaged to cancel position bias (SPEC 5). p_a_first = P(A) with answer_1 shown as A,
     p_a_second = P(A) with answer_2 shown as A. p1 = P(answer_1 is better). -> (p1, preference, confidence)."""
@@ -108,29 +103,10 @@ def summarize(prefs, oracle, metrics):
 
 
 # ----------------------------------------------------------------------------- model calls
-def answer_token_ids(tok, path):
-    """Ids of " A" and " B": the judge was trained to end its reply with data.VERDICT then " A" or " B" then
-    EOS (data.encode prepends the space), so its verdict is in the logits of these two tokens right after
-    data.VERDICT."""
-    ids = [tok(" A", add_special_tokens=False).input_ids, tok(" B", add_special_tokens=False).input_ids]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"{path}: the judge's answer tokens must be single tokens, but ' A' -> {ids[0]} and "
-                         f"' B' -> {ids[1]}; the verdict cannot be read from one next-token distribution")
-    return ids[0][0], ids[1][0]
-
-
-def verdict_prefix(reply):
-    """The judge's generated reply up to and including data.VERDICT (appended where the reply lacks it, e.g.
-    cut at max_new_tokens): the assistant text after which the verdict token is read."""
-    return f"{reply.split(data.VERDICT)[0].strip()} {data.VERDICT}".strip()
-
-
-def left_padded(tok, users, cfg, device, prefixes=None):
+def left_padded(tok, users, cfg, device):
     """One-turn generation prompts in the model's template, LEFT-padded (SPEC 5): every row's last column is
-    its last prompt token. prefixes: assistant text already written, tokenized as data.encode does."""
+    its last prompt token."""
     prompts = [data.encode(tok, [(u, None)], cfg.n_video_tokens, system=cfg.system)[0] for u in users]
-    if prefixes is not None:
-        prompts = [p + tok(" " + x, add_special_tokens=False).input_ids for p, x in zip(prompts, prefixes)]
     ids = data.pad(prompts, tok.pad_token_id, left=True)
     mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: right whatever ids hold
     return ids.to(device), mask.to(device)
@@ -145,14 +121,24 @@ def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p
     return [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip() for r in resp.tolist()]
 
 
-def prob_a(judge, tok, users, videos, ab, max_new_tokens):
-    """P(" A") for each judging turn. The judge first writes, greedily, what the answer should be
-    (data.judge_reply); its reply is cut after data.VERDICT and read again: the logits at that last position,
-    softmax over just " A" and " B" -> (N,)."""
-    replies = generate_texts(judge, tok, users, videos, max_new_tokens, 0.0, 1.0, None)
-    ids, mask = left_padded(tok, users, judge.cfg, videos.device, [verdict_prefix(r) for r in replies])
-    hidden = judge(ids, mask, videos)[:, -1]  # left-padded: the last column is every row's last real token
-    return two_way(judge.logits(hidden), *ab).cpu()
+def reply_logprobs(model, tok, users, replies, videos):
+    """log P(reply | user turn) under the model: the sum over the reply's tokens and its EOS, exactly the
+    tokens data.encode trains on (B,)."""
+    seqs = [data.encode(tok, [(u, r)], model.cfg.n_video_tokens, system=model.cfg.system) for u, r in zip(users, replies)]
+    ids = data.pad([s for s, _ in seqs], tok.pad_token_id).to(videos.device)
+    mask = data.pad([[1] * len(s) for s, _ in seqs], 0).to(videos.device)
+    targets = data.pad([labels for _, labels in seqs], -100)[:, 1:].to(videos.device)  # (B, T-1)
+    logp = model.logits(model(ids, mask, videos)[:, :-1]).float().log_softmax(-1)  # position t predicts t+1
+    return (logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -100)).sum(-1)
+
+
+def prob_a(judge, tok, users, answers_a, answers_b, videos):
+    """P(A is better) for each judging turn. The judge was trained to reply with the better answer itself
+    (data.CRITERIA), so its verdict is its likelihood of replying with A's text against B's, softmax over the
+    two -> (N,). (Replying with the letter was at chance for the tiny model, reading the answer is learned:
+    README.)"""
+    lp = reply_logprobs(judge, tok, users * 2, answers_a + answers_b, torch.cat([videos, videos]))
+    return torch.sigmoid(lp[:len(users)] - lp[len(users):]).cpu()
 
 
 # ----------------------------------------------------------------------------- files
@@ -194,7 +180,6 @@ def main(a: Args):
     if a.judge:
         judge, jtok = M.load_pretrained(a.judge, kind="policy").to(a.device).eval(), data.load_tokenizer(a.judge)
         data.check_tokenizer(jtok, judge.cfg, a.judge)
-    ab = answer_token_ids(jtok, a.judge or a.sft)
 
     # resume: a batch is done when its metrics line exists (written after its pairs); lines of other batches
     # are what an interrupted batch left behind and are dropped, then that batch runs again from its seed
@@ -261,10 +246,10 @@ def main(a: Args):
             # 3. judge with context, in both orders: answer_1 shown as A, then answer_2 shown as A
             p_a = torch.empty(0, 2)
             if pairs:
-                users = [f"{data.VIDEO}\n" + data.judge_prompt(p["question"], *((a1, a2) if o == 0 else (a2, a1)), c)
-                         for (p, _, a1, a2), c in zip(pairs, ctx) for o in (0, 1)]
-                vids = torch.stack([video(p["video"], judge.cfg) for p, *_ in pairs for _ in (0, 1)]).to(a.device)
-                p_a = prob_a(judge, jtok, users, vids, ab, a.max_new_tokens + 8).view(-1, 2)
+                asked = [(p, c, shown) for (p, _, a1, a2), c in zip(pairs, ctx) for shown in ((a1, a2), (a2, a1))]
+                users = [f"{data.VIDEO}\n" + data.judge_prompt(p["question"], *shown, c) for p, c, shown in asked]
+                vids = torch.stack([video(p["video"], judge.cfg) for p, _, _ in asked]).to(a.device)
+                p_a = prob_a(judge, jtok, users, [x for *_, (x, _) in asked], [y for *_, (_, y) in asked], vids).view(-1, 2)
             rows, oracle = [], []
             for (p, j, a1, a2), c, (pf, ps) in zip(pairs, ctx, p_a.tolist()):
                 p1, pref, conf = verdict(pf, ps)

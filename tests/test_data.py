@@ -38,11 +38,10 @@ def test_splits_keep_answers_apart(world):
     assert not videos["sft"] & videos["eval"]
     text = data.read_conversations(world / "text.jsonl")
     assert all(r["video"] is None for r in text) and {"judge"} < {r["type"] for r in text}
-    for r in text + data.read_conversations(world / "sft.jsonl"):  # reference-guided judging: the reference is
-        if r["type"].startswith("judge"):  # the true answer, and the verdict names the answer equal to it
+    for r in text + data.read_conversations(world / "sft.jsonl"):  # the judge replies with the better answer:
+        if r["type"].startswith("judge"):  # one of the two shown, in A and B equally often
             user, reply = r["turns"][0]
-            ref, letter = re.fullmatch(rf"Reference: (.*) {data.VERDICT} ([AB])", reply, re.S).groups()
-            assert re.search(rf"Answer {letter}: (.*)\n", user).group(1) == ref
+            assert reply in re.findall(r"Answer [AB]: (.*)\n", user)
     for name in ("generic_qa", "temporal_qa", "consistency_qa", "zeroshot_qa"):
         assert data.read_benchmark(world / "benchmark" / f"{name}.json")
 
