@@ -713,10 +713,13 @@ def cli(main, cls, description=None, argv=None):
     line `<stage>: error: <what, where>` instead of a traceback."""
     args = parse_args(cls, argv, description)
     try:
-        return main(args)
+        out = main(args)
     except (ValueError, OSError) as e:
         stage = Path(sys.modules[main.__module__].__file__).stem
         raise SystemExit(f"{stage}: error: {' '.join(str(e).split())}") from None
+    if torch.distributed.is_initialized():  # under torchrun: no rank tears its process group down while
+        torch.distributed.barrier()  # another still uses it (gloo then aborted a rank at exit, 2 runs in 7)
+    return out
 
 
 if __name__ == "__main__":
