@@ -184,11 +184,9 @@ def slot_f1(pred, truth):
     """F1 between the fact sets two descriptions state: partial credit for a description that gets the
     objects right and one direction wrong, where exact match would give 0."""
     p, t = description_slots(pred), description_slots(truth)
-    if not p and not t:
-        return 1.0
     hits = len(p & t)
-    if hits == 0:  # also covers one side empty
-        return 0.0
+    if hits == 0:  # no fact in common (also when a side is empty): 0, unless both are empty
+        return float(not p and not t)
     precision, recall = hits / len(p), hits / len(t)
     return 2 * precision * recall / (precision + recall)
 
@@ -430,8 +428,7 @@ def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
     for f in _read_frames(path, num_frames, span):
         h, w = f.shape[:2]
         s = max(h, w)
-        sq = np.empty((s, s, 3), np.uint8)
-        sq[:] = (mean * 255).round().astype(np.uint8)
+        sq = np.full((s, s, 3), (mean * 255).round(), np.uint8)
         sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = f
         f = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_CUBIC)
         out.append((f.astype(np.float32) / 255 - mean) / std)
@@ -466,8 +463,7 @@ def read_records(path):
 
 
 def _need(path, n, r, keys, what):
-    missing = [k for k in keys if k not in r or r[k] is None]
-    if missing:
+    if missing := [k for k in keys if k not in r or r[k] is None]:
         raise ValueError(f"{path}:{n}: {what} record lacks {', '.join(map(repr, missing))}; has {sorted(r)}")
 
 
@@ -574,7 +570,7 @@ def write_atomic(path, text):
     os.replace(f"{path}.tmp", path)
 
 
-def _dump(path, rows):
+def write_jsonl(path, rows):
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -649,9 +645,9 @@ def generate_world(a: WorldArgs):
         rows["text"].append(_conv(f"{scene.id}-read", None, read_prompt(ctx, q), ans, type=f"read_{t}"))
         rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
     for k in ("sft", "rl", "eval", "text"):
-        _dump(out / f"{k}.jsonl", rows[k])
-    _dump(out / "truth" / "scenes.jsonl", rows["scenes"])
-    _dump(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
+        write_jsonl(out / f"{k}.jsonl", rows[k])
+    write_jsonl(out / "truth" / "scenes.jsonl", rows["scenes"])
+    write_jsonl(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
     for k, v in bench.items():
         _json(out / "benchmark" / f"{k}.json", v)
     # the fixed template text is weighted as often as it is used, so BPE learns its words whole
@@ -691,7 +687,7 @@ def read_log(path, keep=lambda r: True):
 def trim_log(path, keep):
     """Rewrite a log with only the lines `keep` accepts, atomically: on resume, the lines written after the
     resume point are dropped (they are written again), and a fresh run starts from an empty log."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_log(path, keep)))
+    write_jsonl(path, read_log(path, keep))
 
 
 def start_run(out, args, resume):
