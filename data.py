@@ -160,8 +160,7 @@ _OBJ = rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 def description_slots(text):
     """The set of facts a description states: count, objects, their motion, appear/leave events."""
     text, slots = text.lower(), set()
-    m = re.search(r"shows (\w+) object", text)
-    if m:
+    if m := re.search(r"shows (\w+) object", text):
         slots.add(("count", m.group(1)))
     for c, s in re.findall(_OBJ, text):
         slots.add(("object", f"{c} {s}"))
@@ -467,9 +466,10 @@ def _need(path, n, r, keys, what):
         raise ValueError(f"{path}:{n}: {what} record lacks {', '.join(map(repr, missing))}; has {sorted(r)}")
 
 
-def _video_path(r, root, path, n):
-    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under root;
-    checked to exist here, so a stage fails on a missing video before it writes anything."""
+def _video_path(r, path, n, video_root=None):
+    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under video_root
+    (default: the data file's folder); checked here, so a stage fails on a missing video before it writes."""
+    root = video_root or Path(path).parent
     v = r.get("video") or r.get("images")
     if v is None:
         return None
@@ -482,7 +482,6 @@ def _video_path(r, root, path, n):
 def read_conversations(path, video_root=None):
     """LLaVA-style records {id, video|images, conversations: [{from: human|gpt, value}, ...]} ->
     dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         _need(path, n, r, ["conversations"], "conversation")
@@ -493,7 +492,7 @@ def read_conversations(path, video_root=None):
         if any(not isinstance(c.get("value"), str) or not c["value"].strip() for c in conv):
             raise ValueError(f"{path}:{n}: every turn needs a non-empty string 'value'")
         turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
-        video = _video_path(r, root, path, n)
+        video = _video_path(r, path, n, video_root)
         has_tag = any(t in turns[0][0] for t in (VIDEO, "<image>"))
         if video and not has_tag:  # LLaVA puts the placeholder in the first human turn; add it if absent
             turns[0] = (f"{VIDEO}\n{turns[0][0]}", turns[0][1])
@@ -506,18 +505,16 @@ def read_conversations(path, video_root=None):
 
 def read_prompts(path, video_root=None):
     """RL prompts {id, video, question, [description]} (no answers)."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         _need(path, n, r, ["id", "video", "question"], "prompt")
-        out.append({**r, "video": _video_path(r, root, path, n)})
+        out.append({**r, "video": _video_path(r, path, n, video_root)})
     return out
 
 
 def read_prefs(path, video_root=None):
     """Preference pairs: our fields {id, video, question, answer_1, answer_2, preference} or the reference's
     {conversations, output_1: {value}, output_2: {value}, preference: 1|2}. -> our fields."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         if "output_1" in r:  # reference layout
@@ -529,7 +526,7 @@ def read_prefs(path, video_root=None):
             raise ValueError(f"{path}:{n}: preference must be 1 or 2, got {r['preference']!r}")
         if r.get("video") is None and not r.get("images"):
             raise ValueError(f"{path}:{n}: preference record lacks 'video' (or 'images'); has {sorted(r)}")
-        out.append({**r, "video": _video_path(r, root, path, n)})
+        out.append({**r, "video": _video_path(r, path, n, video_root)})
     return out
 
 
