@@ -160,8 +160,7 @@ _OBJ = rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 def description_slots(text):
     """The set of facts a description states: count, objects, their motion, appear/leave events."""
     text, slots = text.lower(), set()
-    m = re.search(r"shows (\w+) object", text)
-    if m:
+    if m := re.search(r"shows (\w+) object", text):
         slots.add(("count", m.group(1)))
     for c, s in re.findall(_OBJ, text):
         slots.add(("object", f"{c} {s}"))
@@ -184,11 +183,9 @@ def slot_f1(pred, truth):
     """F1 between the fact sets two descriptions state: partial credit for a description that gets the
     objects right and one direction wrong, where exact match would give 0."""
     p, t = description_slots(pred), description_slots(truth)
-    if not p and not t:
-        return 1.0
     hits = len(p & t)
-    if hits == 0:  # also covers one side empty
-        return 0.0
+    if hits == 0:  # no fact in common (also when a side is empty): 0, unless both are empty
+        return float(not p and not t)
     precision, recall = hits / len(p), hits / len(t)
     return 2 * precision * recall / (precision + recall)
 
@@ -430,8 +427,7 @@ def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
     for f in _read_frames(path, num_frames, span):
         h, w = f.shape[:2]
         s = max(h, w)
-        sq = np.empty((s, s, 3), np.uint8)
-        sq[:] = (mean * 255).round().astype(np.uint8)
+        sq = np.full((s, s, 3), (mean * 255).round(), np.uint8)
         sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = f
         f = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_CUBIC)
         out.append((f.astype(np.float32) / 255 - mean) / std)
@@ -466,14 +462,14 @@ def read_records(path):
 
 
 def _need(path, n, r, keys, what):
-    missing = [k for k in keys if k not in r or r[k] is None]
-    if missing:
+    if missing := [k for k in keys if k not in r or r[k] is None]:
         raise ValueError(f"{path}:{n}: {what} record lacks {', '.join(map(repr, missing))}; has {sorted(r)}")
 
 
-def _video_path(r, root, path, n):
-    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under root;
-    checked to exist here, so a stage fails on a missing video before it writes anything."""
+def _video_path(r, path, n, video_root=None):
+    """`video` (a file or a frame folder) or the reference's `images` (a list of frame files), under video_root
+    (default: the data file's folder); checked here, so a stage fails on a missing video before it writes."""
+    root = video_root or Path(path).parent
     v = r.get("video") or r.get("images")
     if v is None:
         return None
@@ -486,7 +482,6 @@ def _video_path(r, root, path, n):
 def read_conversations(path, video_root=None):
     """LLaVA-style records {id, video|images, conversations: [{from: human|gpt, value}, ...]} ->
     dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         _need(path, n, r, ["conversations"], "conversation")
@@ -497,7 +492,7 @@ def read_conversations(path, video_root=None):
         if any(not isinstance(c.get("value"), str) or not c["value"].strip() for c in conv):
             raise ValueError(f"{path}:{n}: every turn needs a non-empty string 'value'")
         turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
-        video = _video_path(r, root, path, n)
+        video = _video_path(r, path, n, video_root)
         has_tag = any(t in turns[0][0] for t in (VIDEO, "<image>"))
         if video and not has_tag:  # LLaVA puts the placeholder in the first human turn; add it if absent
             turns[0] = (f"{VIDEO}\n{turns[0][0]}", turns[0][1])
@@ -510,18 +505,16 @@ def read_conversations(path, video_root=None):
 
 def read_prompts(path, video_root=None):
     """RL prompts {id, video, question, [description]} (no answers)."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         _need(path, n, r, ["id", "video", "question"], "prompt")
-        out.append({**r, "video": _video_path(r, root, path, n)})
+        out.append({**r, "video": _video_path(r, path, n, video_root)})
     return out
 
 
 def read_prefs(path, video_root=None):
     """Preference pairs: our fields {id, video, question, answer_1, answer_2, preference} or the reference's
     {conversations, output_1: {value}, output_2: {value}, preference: 1|2}. -> our fields."""
-    root = video_root or Path(path).parent
     out = []
     for n, r in read_records(path):
         if "output_1" in r:  # reference layout
@@ -533,7 +526,7 @@ def read_prefs(path, video_root=None):
             raise ValueError(f"{path}:{n}: preference must be 1 or 2, got {r['preference']!r}")
         if r.get("video") is None and not r.get("images"):
             raise ValueError(f"{path}:{n}: preference record lacks 'video' (or 'images'); has {sorted(r)}")
-        out.append({**r, "video": _video_path(r, root, path, n)})
+        out.append({**r, "video": _video_path(r, path, n, video_root)})
     return out
 
 
@@ -574,7 +567,7 @@ def write_atomic(path, text):
     os.replace(f"{path}.tmp", path)
 
 
-def _dump(path, rows):
+def write_jsonl(path, rows):
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -649,9 +642,9 @@ def generate_world(a: WorldArgs):
         rows["text"].append(_conv(f"{scene.id}-read", None, read_prompt(ctx, q), ans, type=f"read_{t}"))
         rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
     for k in ("sft", "rl", "eval", "text"):
-        _dump(out / f"{k}.jsonl", rows[k])
-    _dump(out / "truth" / "scenes.jsonl", rows["scenes"])
-    _dump(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
+        write_jsonl(out / f"{k}.jsonl", rows[k])
+    write_jsonl(out / "truth" / "scenes.jsonl", rows["scenes"])
+    write_jsonl(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
     for k, v in bench.items():
         _json(out / "benchmark" / f"{k}.json", v)
     # the fixed template text is weighted as often as it is used, so BPE learns its words whole
@@ -691,7 +684,7 @@ def read_log(path, keep=lambda r: True):
 def trim_log(path, keep):
     """Rewrite a log with only the lines `keep` accepts, atomically: on resume, the lines written after the
     resume point are dropped (they are written again), and a fresh run starts from an empty log."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_log(path, keep)))
+    write_jsonl(path, read_log(path, keep))
 
 
 def start_run(out, args, resume):

@@ -433,7 +433,7 @@ def main(args):
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
                  "question": r["turns"][-1][0].replace(data.VIDEO, "").strip()}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores[name])]
-        data.write_atomic(out / f"predictions_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        data.write_jsonl(out / f"predictions_{name}.jsonl", rows)
 
     # 4. the benchmarks: every model (and the prior) answers every question, then the judge scores each item
     # on its task's criteria
@@ -459,7 +459,7 @@ def main(args):
                     result, replies = judge(c, it, preds)
                     rows.append({**{k: v for k, v in it.items() if k != "video"}, "criterion": c, "predictions": preds,
                                  "score": None, "pred": None, **(result or {}), "replies": replies})
-            data.write_atomic(out / f"benchmark_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+            data.write_jsonl(out / f"benchmark_{name}.jsonl", rows)
             bench[name] = bench_summary(rows)
 
     # 5. results merged with earlier runs in --out, one table of all of them

@@ -84,7 +84,6 @@ class VLMConfig:
 
 
 # ----------------------------------------------------------------------------- vision tower (CLIP ViT)
-
 class CLIPAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -153,7 +152,6 @@ class CLIPVision(nn.Module):
 
 
 # ----------------------------------------------------------------------------- language model (LLaMA)
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -184,8 +182,7 @@ class KVCache:
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.length = 0  # slots filled; advanced by VideoLLM.forward after all layers wrote
 
     def update(self, layer: int, k, v):  # k, v (B, Hkv, T, hd) -> everything cached so far (B, Hkv, S, hd)
@@ -257,7 +254,6 @@ def attention_mask_4d(attention_mask, T: int):
 
 
 # ----------------------------------------------------------------------------- the video LMM
-
 class VideoLLM(nn.Module):
     """forward(input_ids, attention_mask, videos, cache) -> final-norm hidden states (B, T, D).
 
@@ -435,7 +431,6 @@ def resize_vocab(model: VideoLLM, vocab_size: int):
 
 
 # ----------------------------------------------------------------------------- LoRA (by hand)
-
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * x A^T B^T with the base frozen. B starts at zero: output unchanged at init."""
 
@@ -461,7 +456,7 @@ class LoRALinear(nn.Module):
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def add_lora(model: VideoLLM, r: int, alpha: float, targets=LORA_TARGETS):
+def add_lora(model: VideoLLM, r: int, alpha: float):
     """Wrap matching Linears of model.llm with LoRA and freeze every other weight except the score head
     (reward / value models train their new head together with the adapters, SPEC 3)."""
     model.requires_grad_(False)
@@ -469,7 +464,7 @@ def add_lora(model: VideoLLM, r: int, alpha: float, targets=LORA_TARGETS):
         model.score_head.requires_grad_(True)
     for module in list(model.llm.modules()):
         for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
+            if name in LORA_TARGETS and isinstance(child, nn.Linear):
                 setattr(module, name, LoRALinear(child, r, alpha))
     return model
 
@@ -499,7 +494,6 @@ def lora_disabled(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- our checkpoint format
-
 def plain_state_dict(model: VideoLLM) -> dict:
     """State dict with LoRA folded in (checkpoints are always plain models) and the tied lm_head left out
     (safetensors refuses tensors that share memory; load re-ties)."""
@@ -580,7 +574,6 @@ def load_pretrained(path: str, kind: str | None = None, new_head: str | None = N
 
 
 # ----------------------------------------------------------------------------- Hugging Face / LLaVA loading
-
 def map_hf_key(key: str) -> str | None:
     """HF / LLaVA parameter name -> ours (None: not ours, e.g. CLIP's text tower or rotary inv_freq)."""
     renames = [("model.mm_projector.", "projector."),  # LLaVA: mm_projector.0 / .2 = Linear, GELU, Linear
@@ -689,10 +682,7 @@ def from_hf(llm_path: str, vision_path: str | None = None, projector_path: str |
     return model
 
 
-
-
 # ----------------------------------------------------------------------------- the large-model path
-
 def for_training(model: VideoLLM, device, bf16=False, compile=False, grad_ckpt=False):
     """Options for large models, applied after LoRA / freezing: gradient checkpointing of the LLM layers; bf16
     autocast, with the FROZEN weights stored in bf16 (they need no fp32 copy: half their memory); torch.compile
@@ -707,7 +697,6 @@ def for_training(model: VideoLLM, device, bf16=False, compile=False, grad_ckpt=F
 
 
 # ----------------------------------------------------------------------------- data parallel (torchrun)
-
 def init_distributed():
     """Under torchrun (WORLD_SIZE set): join the process group (NCCL on GPU, gloo on CPU) and take this rank's
     GPU. -> (rank, world_size, device); (0, 1, cuda or cpu) in a plain run."""
