@@ -276,18 +276,30 @@ class VideoLLM(nn.Module):
         if cfg.kind != "policy":
             self.score_head = nn.Linear(lc.hidden_size, 1)
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
+        self._init_weights()
         if lc.tie_word_embeddings:
             self.lm_head.weight = self.llm.embed_tokens.weight
         if cfg.kind != "policy":
             self.init_score_head(zero=cfg.kind == "value")
 
-    @staticmethod
-    def _init_weights(m):  # GPT-2/LLaMA style small init; only matters when training from scratch
-        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+    def _init_weights(self):
+        """From-scratch init (loaded weights replace it). Every matrix gets std 1/sqrt(fan_in), so activations
+        keep unit scale at any width, and the projections that write into a residual stream are scaled by
+        1/sqrt(2 * layers) (GPT-2). GPT-2/LLaMA's fixed std 0.02 is that only near width 2,500: at our 64-128 the
+        video tokens of different clips then differed by std 0.002 and the tiny model never learned from the
+        video (README, "Where the tiny model gets stuck"). Embeddings keep std 0.02."""
+        depth = {"vision.": self.cfg.vision.layers_used, "llm.": self.cfg.llm.num_layers}
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                std = m.weight[0].numel() ** -0.5  # fan_in
+                if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")):
+                    std /= math.sqrt(2 * max(1, next(v for k, v in depth.items() if name.startswith(k))))
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.vision.embeddings.class_embedding, std=0.02)
 
     @staticmethod
     def from_hf(*args, **kwargs) -> "VideoLLM":

@@ -134,6 +134,19 @@ def test_pooling_after_projector_temporal_then_spatial():
     assert torch.allclose(out[:, F_:], rev[:, F_:], atol=1e-6)  # spatial tokens are a mean over frames
 
 
+def test_from_scratch_init_lets_the_video_through():
+    """At init, video tokens of different clips must differ on the scale of a text embedding (std 0.02): with
+    every weight at std 0.02 they differed by ~0.002 and the tiny model never learned from the video (README)."""
+    model = tiny_model()
+    videos = torch.randn(8, model.cfg.num_frames, 3, 16, 16)
+    with torch.no_grad():
+        spread = model.encode_video(videos).std(0).mean()  # across clips, per token and channel
+    assert spread > 2 * float(model.llm.embed_tokens.weight.std())
+    proj = model.llm.layers[0].self_attn
+    assert float(proj.q_proj.weight.std()) == pytest.approx(32 ** -0.5, rel=0.1)  # 1/sqrt(fan_in)
+    assert float(proj.o_proj.weight.std()) == pytest.approx(32 ** -0.5 / 2, rel=0.1)  # and 1/sqrt(2 * layers) into the residual
+
+
 def test_video_splice_only_rows_with_video_and_count_checked():
     model = tiny_model()
     ids, mask, videos = prompts_with_video(model.cfg, [4, 6])
