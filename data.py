@@ -576,9 +576,15 @@ def _json(path, obj):
 
 
 def _conv(id, video, q, a, **extra):
-    user = f"{VIDEO}\n{q}" if video else q
-    return {"id": id, **({"video": video} if video else {}),
-            "conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": a}], **extra}
+    return _conv_turns(id, video, [(q, a)], **extra)
+
+
+def _conv_turns(id, video, turns, **extra):
+    """A LLaVA record of several (question, answer) turns; the video placeholder opens the first question."""
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv += [{"from": "human", "value": f"{VIDEO}\n{q}" if video and i == 0 else q}, {"from": "gpt", "value": a}]
+    return {"id": id, **({"video": video} if video else {}), "conversations": conv, **extra}
 
 
 def _judge_example(id, rng, qa, context, video):
@@ -609,8 +615,14 @@ def generate_world(a: WorldArgs):
             write_video(out / video, render(scene))
             rows["scenes"].append({**asdict(scene), "split": split, "description": describe(scene)})
             qa = questions(scene, rng)
-            if split == "sft":  # every question, as supervised video QA, and judging with the video in view
-                rows["sft"] += [_conv(f"{scene.id}-{j}", video, q, ans, type=t) for j, (t, q, ans, _) in enumerate(qa)]
+            if split == "sft":  # every question as supervised video QA, and judging with the video in view
+                # the short questions of a clip form one multi-turn conversation in random order, as in LLaVA's
+                # and Video-ChatGPT's data: one pass over the video trains ~11 answers (measured: colour 63%
+                # after 300 steps packed vs 34% after 400 single-question steps); the description stands alone
+                short = rng.sample([x for x in qa if x[0] != "describe"], len(qa) - 1)
+                rows["sft"].append(_conv_turns(f"{scene.id}-qa", video, [(q, ans) for _, q, ans, _ in short],
+                                               type="qa", types=[t for t, *_ in short]))
+                rows["sft"] += [_conv(f"{scene.id}-describe", video, q, ans, type=t) for t, q, ans, _ in qa if t == "describe"]
                 for context in (describe(scene), None):
                     rows["sft"].append(_judge_example(f"{scene.id}-judge{'' if context else '_nocontext'}", rng,
                                                       rng.choice(qa), context, video))

@@ -66,8 +66,9 @@ def prior_answers(records):
     """{type: most frequent answer of that type}; ties go to the alphabetically first answer, so the prior
     does not depend on the file's order."""
     counts = {}
-    for r in records:
-        counts.setdefault(qtype_of(r), Counter())[r["turns"][-1][1].strip()] += 1
+    for r in records:  # a multi-turn record lists each turn's type in `types` (data.py's packed sft QA)
+        for t, (_, answer) in zip(r.get("types") or [qtype_of(r)] * len(r["turns"]), r["turns"]):
+            counts.setdefault(t, Counter())[answer.strip()] += 1
     return {t: min(c, key=lambda a: (-c[a], a)) for t, c in counts.items()}
 
 

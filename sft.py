@@ -43,12 +43,13 @@ class Args:
     lm_text: bool = False  # True: text-only records train on every token (LLM-pretraining style); False: on answers only (the judge reads the description far better: 79% vs 52%, README)
     system: str = "none"  # from scratch: "vicuna" = SPEC 2's system line, "none" = without (halves the tiny model's input; learned faster, measured)
     long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
-    epochs_text: int = 3  # warm-up passes over the text-only records before the curriculum (0 = SPEC 3 as is)
-    epochs_short: int = 2  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is tiny)
+    epochs_text: int = 0  # warm-up passes over the text-only records before the curriculum (0 = SPEC 3 as is; a warm-up made video QA learn far slower, README)
+    epochs_short: int = 12  # passes over the short-answer stage (SPEC 3: 1 on 327k examples; ours is 300 clips)
     epochs_long: int = 4  # passes over the long-answer stage
+    text_mix: float = 1.0  # short text-only examples mixed in per short video example in the short stage
     replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
     batch_size: int = 16  # examples per step (more, smaller steps escaped the prior plateau sooner)
-    lr: float = 5e-4  # peak learning rate (SPEC 3: 1e-4 for LoRA on Vicuna; 1e-3 and 2e-3 stalled on the prior here)
+    lr: float = 1e-3  # peak learning rate (SPEC 3: 1e-4 for LoRA on Vicuna; 2e-3 stalled on the prior here)
     warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of lr
     grad_clip: float = 1.0  # max global gradient norm
     lora_r: int = 0  # 0 = train every weight; SPEC 3 uses LoRA r=32 on a real LLM
@@ -84,26 +85,30 @@ def build_model(a: Args, tok) -> M.VideoLLM:
 
 
 def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_short, epochs_long, replay,
-               batch_size, seed):
+               text_mix, batch_size, seed):
     """The whole run as a list of batches (example indices), shuffled within each epoch:
     text    epochs_text passes over the text-only examples: a warm-up that stands in for the pretrained LLM
             the paper starts from (reading a description is learned before looking at videos);
-    short   every short-answer example epochs_short times (SPEC 3: short answers first);
+    short   every short-answer video example epochs_short times (SPEC 3: short answers first), each epoch
+            with `text_mix` short text-only examples per video one, so the reading skill is kept up;
     long    every long-answer example epochs_long times, each epoch also replaying `replay` short-answer
             examples per long one: a tiny model trained from scratch on long answers alone forgets to stop
             after short ones (measured: short-answer accuracy fell to 0).
     Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
     g = random.Random(seed)
     text = [i for i, t in enumerate(text_only) if t]
-    short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens]
+    short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens and not text_only[i]]
+    short_text = [i for i in text if answer_lens[i] <= long_answer_tokens]
     long = [i for i, n in enumerate(answer_lens) if n > long_answer_tokens]
     batches = []
     for stage, epochs in (("text", epochs_text), ("short", epochs_short), ("long", epochs_long)):
         for _ in range(epochs):
             if stage == "long":
                 idx = long + g.sample(short, min(len(short), int(replay * len(long))))
+            elif stage == "short":
+                idx = short + g.sample(short_text, min(len(short_text), int(text_mix * len(short))))
             else:
-                idx = text if stage == "text" else short
+                idx = text
             perm = g.sample(idx, len(idx))
             batches += [(stage, perm[i:i + batch_size]) for i in range(0, len(perm), batch_size)]
     return batches
@@ -152,7 +157,9 @@ def main(a: Args):
                 ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, max_len, cfg.system)
             except ValueError as e:
                 raise ValueError(f"{path}: record {r['id']}: {e}") from None
-            answer_len = sum(l != -100 for l in labels)
+            # difficulty = the longest answer of the conversation (SPEC 3); a multi-turn record of short
+            # answers stays in the short stage
+            answer_len = max(len(tok(" " + ans, add_special_tokens=False).input_ids) + 1 for _, ans in r["turns"])
             if a.lm_text and r["video"] is None:  # every token carries loss: the LLM pretraining SPEC 2 assumes
                 labels = [-100] + ids[1:]
             examples.append({"ids": ids, "labels": labels, "video": r["video"], "answer_len": answer_len})
@@ -164,7 +171,7 @@ def main(a: Args):
     # 2. curriculum: short answers first, then long answers (SPEC 3)
     batches = curriculum([e["answer_len"] for e in examples], [e["video"] is None for e in examples],
                          a.long_answer_tokens, a.epochs_text, a.epochs_short, a.epochs_long, a.replay,
-                         a.batch_size, a.seed)
+                         a.text_mix, a.batch_size, a.seed)
     n_stage = {s: sum(stage == s for stage, _ in batches) for s in ("text", "short", "long")}
     if rank == 0:
         print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "

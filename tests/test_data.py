@@ -46,6 +46,20 @@ def test_splits_keep_answers_apart(world):
         assert data.read_benchmark(world / "benchmark" / f"{name}.json")
 
 
+def test_sft_packs_a_clips_short_questions_into_one_conversation(world):
+    scenes = {r["id"]: r for _, r in data.read_records(world / "truth/scenes.jsonl")}
+    packed = [r for r in data.read_conversations(world / "sft.jsonl") if r["type"] == "qa"]
+    assert len(packed) == 6
+    for r in packed:
+        scene = data.Scene(**{k: v for k, v in scenes[r["id"][:-3]].items() if k in ("id", "n_frames", "size")},
+                           objects=[data.Obj(**o) for o in scenes[r["id"][:-3]]["objects"]])
+        truth = sorted((t, q, a) for t, q, a, _ in data.questions(scene, random.Random(0)) if t not in ("describe", "exists", "order"))
+        turns = [(t, q.replace(data.VIDEO + "\n", ""), a) for t, (q, a) in zip(r["types"], r["turns"])]
+        assert len(r["types"]) == len(r["turns"]) and "describe" not in r["types"]
+        assert set(truth) <= set(turns)  # every deterministic question of the clip, with its true answer
+        assert data.VIDEO in r["turns"][0][0] and not any(data.VIDEO in q for q, _ in r["turns"][1:])
+
+
 def test_written_video_reads_back(tmp_path):
     scene = data.sample_scene(random.Random(1), "x", size=48, frames=(12, 12))
     frames = data.render(scene)

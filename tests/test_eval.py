@@ -44,6 +44,10 @@ def test_prior_answers_and_summary(tmp_path):
     path.write_text("".join(json.dumps({"id": str(i), "type": t, "conversations": [
         {"from": "human", "value": "q"}, {"from": "gpt", "value": a}]}) + "\n" for i, (t, a) in enumerate(rows)))
     assert ev.prior_answers(data.read_conversations(path)) == {"colour": "blue", "count": "one"}  # tie: alphabetical
+    with open(path, "a") as f:  # a packed multi-turn record counts each turn under its own type
+        f.write(json.dumps({"id": "m", "type": "qa", "types": ["count", "colour", "count"], "conversations": [
+            {"from": h, "value": v} for q, a in [("q", "two"), ("q", "red"), ("q", "two")] for h, v in [("human", q), ("gpt", a)]]}) + "\n")
+    assert ev.prior_answers(data.read_conversations(path)) == {"colour": "blue", "count": "two"}
     s = ev.summarize(["colour", "colour", "colour", "order"], [1.0, 1.0, 0.0, 0.0])
     assert s["by_type"] == {"colour": pytest.approx(2 / 3), "order": 0.0} and s["n"] == 4
     assert list(ev.summarize(["zzz", "order", "colour"], [0, 0, 0])["by_type"]) == ["colour", "order", "zzz"]
@@ -91,8 +95,9 @@ def test_end_to_end_two_models_merge_and_batching(world):
     assert "<video>" not in preds[0]["question"]
     prior = [json.loads(line) for line in (out / "predictions_prior.jsonl").read_text().splitlines()]
     sft = data.read_conversations(shapes / "sft.jsonl")
+    answers = {(t, a) for r in sft for t, (_, a) in zip(r.get("types") or [r["type"]] * len(r["turns"]), r["turns"])}
     for p in prior:  # a training answer of the same type, or empty for a type training lacks
-        assert p["prediction"] in {r["turns"][0][1] for r in sft if r["type"] == p["type"]} | {""}
+        assert (p["type"], p["prediction"]) in answers or p["prediction"] == ""
 
     # a second run in the same folder adds its model and keeps the others; one prompt per batch gives the
     # same greedy answers as 5 left-padded ones (the padding is masked out)

@@ -245,7 +245,7 @@ def test_mismatched_config_and_weights(world, tmp_path):
     out = tmp_path / "sft"
     shutil.copytree(world / "sft_run", out, ignore=shutil.ignore_patterns("model"))
     with pytest.raises(SystemExit, match=r"sft: error: .*other arguments \{'lr'"):
-        run("sft", argv("sft", world, out, resume="true", lr=1e-3))
+        run("sft", argv("sft", world, out, resume="true", lr=3e-3))
 
 
 @pytest.mark.parametrize("stage,loss_fn,nth,last", [("sft", "sft_loss", 5, 4), ("train_rm", "bt_loss", 5, 4),

@@ -29,14 +29,16 @@ def test_curriculum_puts_short_answers_first():
     lens = [1, 30, 2, 3, 40, 1, 25, 2]
     text = [False, False, True, False, False, True, False, False]
     batches = sft.curriculum(lens, text, long_answer_tokens=8, epochs_text=1, epochs_short=2, epochs_long=1,
-                             replay=0.0, batch_size=3, seed=0)
+                             replay=0.0, text_mix=0.0, batch_size=3, seed=0)
     order = {"text": 0, "short": 1, "long": 2}
     stages = [s for s, _ in batches]
     assert stages == sorted(stages, key=order.get)  # text warm-up, then every short batch, then long
     of = lambda stage: sorted(i for s, b in batches if s == stage for i in b)
-    assert of("text") == [2, 5] and of("short") == sorted([0, 2, 3, 5, 7] * 2) and of("long") == [1, 4, 6]
-    assert batches == sft.curriculum(lens, text, 8, 1, 2, 1, 0.0, 3, seed=0)  # fixed by the seed
-    replayed = sft.curriculum(lens, text, 8, 0, 1, 1, replay=1.0, batch_size=3, seed=0)
+    assert of("text") == [2, 5] and of("short") == sorted([0, 3, 7] * 2) and of("long") == [1, 4, 6]
+    assert batches == sft.curriculum(lens, text, 8, 1, 2, 1, 0.0, 0.0, 3, seed=0)  # fixed by the seed
+    mixed = sft.curriculum(lens, text, 8, 0, 1, 0, 0.0, text_mix=0.67, batch_size=3, seed=0)  # 3 video + 2 text
+    assert sorted(i for _, b in mixed for i in b) == [0, 2, 3, 5, 7]
+    replayed = sft.curriculum(lens, text, 8, 0, 1, 1, replay=1.0, text_mix=0.0, batch_size=3, seed=0)
     long = [i for s, b in replayed if s == "long" for i in b]
     assert sorted(i for i in long if lens[i] > 8) == [1, 4, 6] and len(long) == 6
 
