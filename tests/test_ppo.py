@@ -233,7 +233,7 @@ def test_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch
 def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
     ppo.main(tiny_args(world, tmp_path, lora_r=4, iterations=1, target_kl=6.0, length_penalty=10.0))
     m = read_jsonl(tmp_path / "metrics.jsonl")[0]
-    assert m["kl"] == 0 and m["kl_coef"] == 0.1  # LoRA B starts at 0: policy == reference
+    assert m["kl"] == 0 and m["kl_coef"] == ppo.Args().kl_coef  # LoRA B starts at 0: policy == reference
     policy = M.load_pretrained(str(tmp_path / "model"), kind="policy")  # merged: a plain checkpoint
     assert not any("lora" in k for k in policy.state_dict())
 
