@@ -575,11 +575,7 @@ def _json(path, obj):
     write_atomic(path, json.dumps(obj, indent=1))
 
 
-def _conv(id, video, q, a, **extra):
-    return _conv_turns(id, video, [(q, a)], **extra)
-
-
-def _conv_turns(id, video, turns, **extra):
+def _conv(id, video, turns, **extra):
     """A LLaVA record of several (question, answer) turns; the video placeholder opens the first question."""
     conv = []
     for i, (q, a) in enumerate(turns):
@@ -596,7 +592,7 @@ def _judge_example(id, rng, qa, context, video):
     prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=context)
     # the judge replies with the better answer itself, not its letter: make_prefs.py reads the verdict from
     # the judge's likelihood of each answer (the letter was at chance after 1,000 steps; README)
-    return _conv(id, video, prompt, ans, type="judge" if context else "judge_nocontext")
+    return _conv(id, video, [(prompt, ans)], type="judge" if context else "judge_nocontext")
 
 
 def generate_world(a: WorldArgs):
@@ -620,9 +616,9 @@ def generate_world(a: WorldArgs):
                 # and Video-ChatGPT's data: one pass over the video trains ~11 answers (measured: colour 63%
                 # after 300 steps packed vs 34% after 400 single-question steps); the description stands alone
                 short = rng.sample([x for x in qa if x[0] != "describe"], len(qa) - 1)
-                rows["sft"].append(_conv_turns(f"{scene.id}-qa", video, [(q, ans) for _, q, ans, _ in short],
-                                               type="qa", types=[t for t, *_ in short]))
-                rows["sft"] += [_conv(f"{scene.id}-describe", video, q, ans, type=t) for t, q, ans, _ in qa if t == "describe"]
+                rows["sft"].append(_conv(f"{scene.id}-qa", video, [(q, ans) for _, q, ans, _ in short],
+                                         type="qa", types=[t for t, *_ in short]))
+                rows["sft"] += [_conv(f"{scene.id}-describe", video, [(q, ans)], type=t) for t, q, ans, _ in qa if t == "describe"]
                 for context in (describe(scene), None):
                     rows["sft"].append(_judge_example(f"{scene.id}-judge{'' if context else '_nocontext'}", rng,
                                                       rng.choice(qa), context, video))
@@ -638,7 +634,7 @@ def generate_world(a: WorldArgs):
                 for t, items in by_type.items():
                     t, q, ans, q2 = rng.choice(items)
                     qid = f"{scene.id}-{t}"
-                    rows["eval"].append(_conv(qid, video, q, ans, type=t))
+                    rows["eval"].append(_conv(qid, video, [(q, ans)], type=t))
                     name = Path(video).name
                     bench["temporal_qa" if t in ("direction", "order") else "generic_qa"].append(
                         {"Q": q, "A": ans, "video_name": name, "type": t})
@@ -651,7 +647,7 @@ def generate_world(a: WorldArgs):
         ctx = describe(scene)
         qa = questions(scene, rng)
         t, q, ans, _ = rng.choice(qa)
-        rows["text"].append(_conv(f"{scene.id}-read", None, read_prompt(ctx, q), ans, type=f"read_{t}"))
+        rows["text"].append(_conv(f"{scene.id}-read", None, [(read_prompt(ctx, q), ans)], type=f"read_{t}"))
         rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
     for k in ("sft", "rl", "eval", "text"):
         write_jsonl(out / f"{k}.jsonl", rows[k])
