@@ -295,7 +295,7 @@ class VideoLLM(nn.Module):
                 if name.endswith(("o_proj", "down_proj", "out_proj", "fc2")):
                     std /= math.sqrt(2 * max(1, next(v for k, v in depth.items() if name.startswith(k))))
                 nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)

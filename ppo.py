@@ -284,7 +284,7 @@ def main(a: Args):
         M.add_lora(value_model, a.lora_r, a.lora_alpha)  # adapters + the new value head
     else:
         ref = M.load_pretrained(a.sft, kind="policy").requires_grad_(False).to(device).eval()
-    for m in (policy, reward_model, value_model, ref or policy):
+    for m in filter(None, (policy, reward_model, value_model, ref)):
         M.broadcast_parameters(m.to(device).eval())
         _, autocast = M.for_training(m, device, a.bf16, grad_ckpt=a.grad_ckpt)  # bf16: frozen weights in bf16
     cfg = policy.cfg

@@ -13,6 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 import torch.nn.functional as F
@@ -157,9 +158,9 @@ def main(a: Args):
                 ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, max_len, cfg.system)
             except ValueError as e:
                 raise ValueError(f"{path}: record {r['id']}: {e}") from None
-            # difficulty = the longest answer of the conversation (SPEC 3); a multi-turn record of short
-            # answers stays in the short stage
-            answer_len = max(len(tok(" " + ans, add_special_tokens=False).input_ids) + 1 for _, ans in r["turns"])
+            # difficulty = the longest answer of the conversation, EOS included: the longest run of labelled
+            # tokens (SPEC 3); a multi-turn record of short answers stays in the short stage
+            answer_len = max(sum(1 for _ in run) for is_answer, run in groupby(labels, lambda l: l != -100) if is_answer)
             if a.lm_text and r["video"] is None:  # every token carries loss: the LLM pretraining SPEC 2 assumes
                 labels = [-100] + ids[1:]
             examples.append({"ids": ids, "labels": labels, "video": r["video"], "answer_len": answer_len})
