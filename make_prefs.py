@@ -122,14 +122,29 @@ def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p
 
 
 def reply_logprobs(model, tok, users, replies, videos):
-    """log P(reply | user turn) under the model: the sum over the reply's tokens and its EOS, exactly the
-    tokens data.encode trains on (B,)."""
-    seqs = [data.encode(tok, [(u, r)], model.cfg.n_video_tokens, system=model.cfg.system) for u, r in zip(users, replies)]
-    ids = data.pad([s for s, _ in seqs], tok.pad_token_id).to(videos.device)
-    mask = data.pad([[1] * len(s) for s, _ in seqs], 0).to(videos.device)
-    targets = data.pad([labels for _, labels in seqs], -100)[:, 1:].to(videos.device)  # (B, T-1)
-    logp = model.logits(model(ids, mask, videos)[:, :-1]).float().log_softmax(-1)  # position t predicts t+1
-    return (logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * (targets != -100)).sum(-1)
+    """log P(reply | user turn) under the model for R sets of replies to the same B user turns -> (R, B): the
+    sum over each reply's tokens and its EOS, exactly the tokens data.encode trains on. The user turns (video,
+    context, both answers: nearly every token) run once into a KV cache that each set of replies continues,
+    as generation does, so judging both answers costs one pass over the prompt, not two."""
+    cfg, device = model.cfg, videos.device
+    prompts = [data.encode(tok, [(u, None)], cfg.n_video_tokens, system=cfg.system)[0] for u in users]
+    ids = data.pad(prompts, tok.pad_token_id, left=True).to(device)  # left: the last column is every row's last prompt token
+    mask = data.pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
+    # a reply's tokens are what encode appends to the prompt (" reply" + EOS)
+    answers = [[data.encode(tok, [(u, r)], cfg.n_video_tokens, system=cfg.system)[0][len(p):]
+                for u, r, p in zip(users, rs, prompts)] for rs in replies]
+    cache = M.KVCache(cfg.llm, len(users), ids.shape[1] + max(len(a) for rs in answers for a in rs), device,
+                      model.lm_head.weight.dtype)
+    first = model(ids, mask, videos, cache)[:, -1:]  # (B, 1, D): predicts each reply's first token
+    out = []
+    for rs in answers:
+        cache.length = ids.shape[1]  # every set continues the same prompt
+        reply = data.pad(rs, tok.pad_token_id).to(device)  # (B, N), right-padded
+        reply_mask = data.pad([[1] * len(r) for r in rs], 0).to(device)
+        hidden = torch.cat([first, model(reply, torch.cat([mask, reply_mask], 1), cache=cache)[:, :-1]], 1)  # (B, N, D)
+        logp = model.logits(hidden).float().log_softmax(-1).gather(-1, reply[..., None]).squeeze(-1)  # (B, N)
+        out.append((logp * reply_mask).sum(-1))
+    return torch.stack(out)
 
 
 def prob_a(judge, tok, users, answers_a, answers_b, videos):
@@ -137,8 +152,8 @@ def prob_a(judge, tok, users, answers_a, answers_b, videos):
     (data.CRITERIA), so its verdict is its likelihood of replying with A's text against B's, softmax over the
     two -> (N,). (Replying with the letter was at chance for the tiny model, reading the answer is learned:
     README.)"""
-    lp = reply_logprobs(judge, tok, users * 2, answers_a + answers_b, torch.cat([videos, videos]))
-    return torch.sigmoid(lp[:len(users)] - lp[len(users):]).cpu()
+    lp_a, lp_b = reply_logprobs(judge, tok, users, [answers_a, answers_b], videos)
+    return torch.sigmoid(lp_a - lp_b).cpu()
 
 
 # ----------------------------------------------------------------------------- files

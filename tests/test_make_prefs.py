@@ -48,17 +48,18 @@ def test_judge_verdict_is_its_likelihood_of_each_answer(world):
     tok = data.load_tokenizer(str(world / "sft"))
     judge = M.load_pretrained(str(world / "sft")).eval()
     users = [f"{data.VIDEO}\n" + data.judge_prompt("Q?", "red", "a blue circle", "ctx"), f"{data.VIDEO}\nQ2?"]
-    replies = ["a blue circle", "red"]
+    replies = [["a blue circle", "red"], ["red", ""]]  # two sets of replies to the same two turns
     video = torch.randn(2, judge.cfg.num_frames, 3, judge.cfg.vision.image_size, judge.cfg.vision.image_size)
     with torch.no_grad():
-        lp = mp.reply_logprobs(judge, tok, users, replies, video)  # batched, right-padded
-        for i, (u, r) in enumerate(zip(users, replies)):  # reference: one unpadded sequence, token by token
-            ids, labels = data.encode(tok, [(u, r)], judge.cfg.n_video_tokens, system=judge.cfg.system)
+        lp = mp.reply_logprobs(judge, tok, users, replies, video)  # (2, 2): prompts cached, replies right-padded
+        assert lp.shape == (2, 2)
+        for s, i in [(0, 0), (0, 1), (1, 0), (1, 1)]:  # reference: one unpadded sequence, no cache
+            ids, labels = data.encode(tok, [(users[i], replies[s][i])], judge.cfg.n_video_tokens, system=judge.cfg.system)
             logp = judge.logits(judge(torch.tensor([ids]), torch.ones(1, len(ids)), video[i:i + 1]))[0].log_softmax(-1)
             want = sum(logp[t - 1, labels[t]] for t in range(1, len(ids)) if labels[t] != -100)
-            assert lp[i].item() == pytest.approx(want.item(), abs=1e-4)
+            assert lp[s, i].item() == pytest.approx(want.item(), abs=1e-4)
         p = mp.prob_a(judge, tok, users[:1], ["red"], ["blue"], video[:1])
-        la, lb = mp.reply_logprobs(judge, tok, users[:1] * 2, ["red", "blue"], video[:1].repeat(2, 1, 1, 1, 1))
+        la, lb = mp.reply_logprobs(judge, tok, users[:1], [["red"], ["blue"]], video[:1])[:, 0]
     assert p.item() == pytest.approx(torch.sigmoid(la - lb).item(), abs=1e-5) and 0 < p.item() < 1
 
 
