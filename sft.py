@@ -50,6 +50,7 @@ class Args:
     text_mix: float = 1.0  # short text-only examples mixed in per short video example in the short stage
     replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
     batch_size: int = 16  # examples per step (more, smaller steps escaped the prior plateau sooner)
+    group: int = 8  # batches per length-sorted window (HF's group_by_length): 1 = plain shuffle, whose batches are 57% padding here
     lr: float = 1e-3  # peak learning rate (SPEC 3: 1e-4 for LoRA on Vicuna; 2e-3 stalled on the prior here)
     warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of lr
     grad_clip: float = 1.0  # max global gradient norm
@@ -86,7 +87,7 @@ def build_model(a: Args, tok) -> M.VideoLLM:
 
 
 def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_short, epochs_long, replay,
-               text_mix, batch_size, seed):
+               text_mix, batch_size, seed, lengths=None, group=1):
     """The whole run as a list of batches (example indices), shuffled within each epoch:
     text    epochs_text passes over the text-only examples: a warm-up that stands in for the pretrained LLM
             the paper starts from (reading a description is learned before looking at videos);
@@ -95,7 +96,9 @@ def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_s
     long    every long-answer example epochs_long times, each epoch also replaying `replay` short-answer
             examples per long one: a tiny model trained from scratch on long answers alone forgets to stop
             after short ones (measured: short-answer accuracy fell to 0).
-    Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
+    With `lengths` (tokens per example), each window of `group` batches of an epoch is sorted by length
+    before it is cut, and the epoch's batches are shuffled: a batch pads to its longest example, and a
+    packed 180-token clip beside 40-token text records is mostly padding. Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
     g = random.Random(seed)
     text = [i for i, t in enumerate(text_only) if t]
     short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens and not text_only[i]]
@@ -110,8 +113,11 @@ def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_s
                 idx = short + g.sample(short_text, min(len(short_text), int(text_mix * len(short))))
             else:
                 idx = text
-            perm = g.sample(idx, len(idx))
-            batches += [(stage, perm[i:i + batch_size]) for i in range(0, len(perm), batch_size)]
+            perm, n = g.sample(idx, len(idx)), group * batch_size
+            if lengths is not None:
+                perm = [i for w in range(0, len(perm), n) for i in sorted(perm[w:w + n], key=lengths.__getitem__)]
+            epoch = [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+            batches += [(stage, b) for b in g.sample(epoch, len(epoch))]
     return batches
 
 
@@ -172,7 +178,7 @@ def main(a: Args):
     # 2. curriculum: short answers first, then long answers (SPEC 3)
     batches = curriculum([e["answer_len"] for e in examples], [e["video"] is None for e in examples],
                          a.long_answer_tokens, a.epochs_text, a.epochs_short, a.epochs_long, a.replay,
-                         a.text_mix, a.batch_size, a.seed)
+                         a.text_mix, a.batch_size, a.seed, [len(e["ids"]) for e in examples], a.group)
     n_stage = {s: sum(stage == s for stage, _ in batches) for s in ("text", "short", "long")}
     if rank == 0:
         print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "

@@ -1,5 +1,6 @@
 """sft.py: curriculum order, loss mask, and resume == an uninterrupted run."""
 import json
+import random
 
 import pytest
 import torch
@@ -41,6 +42,22 @@ def test_curriculum_puts_short_answers_first():
     replayed = sft.curriculum(lens, text, 8, 0, 1, 1, replay=1.0, text_mix=0.0, batch_size=3, seed=0)
     long = [i for s, b in replayed if s == "long" for i in b]
     assert sorted(i for i in long if lens[i] > 8) == [1, 4, 6] and len(long) == 6
+
+
+def test_length_grouping_keeps_every_example_and_cuts_padding():
+    g = random.Random(1)
+    lens = [1] * 64  # every example short-answer, no text: one stage
+    tokens = [g.choice([40, 180]) + g.randrange(10) for _ in lens]  # text records beside packed clips
+    args = dict(text_only=[False] * 64, long_answer_tokens=8, epochs_text=0, epochs_short=2, epochs_long=0,
+                replay=0.0, text_mix=0.0, batch_size=4, seed=0)
+    plain = sft.curriculum(lens, **args)
+    grouped = sft.curriculum(lens, **args, lengths=tokens, group=8)
+    assert sorted(i for _, b in grouped for i in b) == sorted(i for _, b in plain for i in b) == sorted(list(range(64)) * 2)
+    assert all(len(b) == 4 for _, b in grouped)
+    padded = lambda batches: sum(max(tokens[i] for i in b) * len(b) for _, b in batches)
+    assert padded(grouped) < 0.75 * padded(plain)  # mostly one kind per batch
+    for epoch in (grouped[:16], grouped[16:]):  # each epoch holds every example once
+        assert sorted(i for _, b in epoch for i in b) == list(range(64))
 
 
 def test_loss_covers_only_assistant_tokens():
