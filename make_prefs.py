@@ -32,7 +32,7 @@ class Args:
     out: str = "runs/tiny/prefs_gt"  # run folder
     context: str = "gt"  # gt = the prompt's description | self = the SFT model's clip descriptions | none
     n_clips: int = 3  # self context: consecutive clips described and concatenated (SPEC 3: 3 worked best)
-    k: int = 2  # answers sampled per prompt, judged in consecutive pairs (0,1), (2,3), ... (SPEC 3: 2)
+    k: int = 6  # answers sampled per prompt, judged in consecutive pairs (0,1), (2,3), ... (SPEC 3: 2; 3 pairs a prompt: a better RM, README)
     temperature: float = 1.0  # answer sampling temperature (SPEC 3: PPO samples at 1.0 too)
     top_p: float = 1.0  # nucleus sampling for the answers
     max_new_tokens: int = 64  # per answer and per clip description (a world description is ~40 tokens)

@@ -25,7 +25,7 @@ def world(tmp_path_factory):
 
 def args(world, out, **kw):
     return mp.Args(**{**dict(prompts=str(world / "shapes" / "rl.jsonl"), sft=str(world / "sft"), out=str(out),
-                             max_new_tokens=8, batch_size=2, device="cpu"), **kw})
+                             k=2, max_new_tokens=8, batch_size=2, device="cpu"), **kw})
 
 
 def lines(path):
