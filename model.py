@@ -208,9 +208,8 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
-        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv; SDPA
-        # does the grouping itself, without copying the keys and values per query head (profiled: that
-        # copy of the whole cache at every step was 40% of the tiny model's sampling time)
+        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv, but SDPA groups
+        # without copying the cache per query head (profiled: that copy was 40% of the tiny model's sampling time)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
@@ -257,8 +256,7 @@ class VideoLLM(nn.Module):
     `torch.compile(model)` works for training forwards (no cache); `generate` stays eager."""
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        self.cfg = cfg
-        lc = cfg.llm
+        self.cfg, lc = cfg, cfg.llm
         self.vision = CLIPVision(cfg.vision)
         self.projector = nn.Sequential(  # LLaVA mlp2x_gelu (SPEC 2)
             nn.Linear(cfg.vision.hidden_size, lc.hidden_size), nn.GELU(), nn.Linear(lc.hidden_size, lc.hidden_size))
@@ -292,11 +290,10 @@ class VideoLLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.vision.embeddings.class_embedding, std=0.02)
-        # score head (its bias is zero from above): a value head is all zeros, so the value model starts from the
-        # RM's features but predicts 0 everywhere; a reward head gets a small normal weight (SPEC 3)
+        # score head (bias zeroed above, SPEC 3): all zeros for a value model, which starts from the RM but predicts 0
         if self.cfg.kind == "value":
             nn.init.zeros_(self.score_head.weight)
-        elif self.cfg.kind != "policy":  # AlpacaFarm / LLaVA-RLHF reward-head init
+        elif self.cfg.kind != "policy":  # reward head: small normal weight, as AlpacaFarm / LLaVA-RLHF
             nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(self.cfg.llm.hidden_size + 1))
 
     def encode_video(self, videos):  # (B, F, 3, H, W) normalised pixels -> (B, F + P, D)
@@ -537,8 +534,7 @@ def load_config(path: str) -> tuple[VLMConfig, dict]:
     """(VLMConfig, extra_config dict) of one of our checkpoints."""
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
-    extra = d.pop("extra", {})
-    return VLMConfig.from_dict(d), extra
+    return VLMConfig.from_dict({k: v for k, v in d.items() if k != "extra"}), d.get("extra", {})
 
 
 def load_pretrained(path: str, kind: str | None = None, new_head: str | None = None) -> VideoLLM:
@@ -705,20 +701,18 @@ def all_sum(x, device):
 
 
 def sync_gradients(params):
-    """Data parallel by hand: after every rank's backward on its shard, sum each gradient over the ranks (each
-    rank's loss is its share of the global batch's loss, so the sum is the global gradient). This is DDP's
-    all-reduce, unbucketed. DDP's wrapper is not used because it only tracks parameters reached inside forward():
-    our heads are separate calls (logits / values / reward) and text-only batches skip the vision tower. A
-    parameter that no rank used keeps grad None, as in one process (AdamW then leaves it alone)."""
+    """Data parallel by hand: after every rank's backward on its shard, sum each gradient over the ranks (each rank's
+    loss is its share of the global batch's loss, so the sum is the global gradient): DDP's all-reduce, unbucketed.
+    DDP's wrapper is not used: it tracks only parameters reached inside forward(), but our heads are separate calls
+    and text-only batches skip the vision tower. A parameter no rank used keeps grad None, as in one process."""
     if not dist.is_initialized():
         return
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(used)
-    for p, u in zip(params, used.tolist()):
-        if u:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    for p in [p for p, u in zip(params, used.tolist()) if u]:  # every parameter some rank used
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def gather(items: list) -> list:
