@@ -6,7 +6,6 @@ reward/value head, hand-written LoRA, and our own checkpoint format (`save_pretr
 There is no dropout anywhere: PPO needs the first policy ratio to be exactly 1 (SPEC 5).
 """
 import atexit
-import contextlib
 import json
 import math
 import os
@@ -398,23 +397,6 @@ def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
-def resize_vocab(model: VideoLLM, vocab_size: int):
-    """Grow embeddings (and an untied lm_head) to vocab_size, e.g. after adding <video> and <pad> to a LLaMA
-    tokenizer; new rows start at the mean of the old ones, so new tokens begin as an 'average' token."""
-    n = model.cfg.llm.vocab_size
-    if vocab_size <= n:
-        return model
-    grow = lambda w: torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - n, -1)])  # (n, D) -> (vocab_size, D)
-    model.llm.embed_tokens = nn.Embedding.from_pretrained(grow(model.llm.embed_tokens.weight.data), freeze=False)
-    if model.cfg.llm.tie_word_embeddings:
-        model.lm_head.weight = model.llm.embed_tokens.weight
-    else:
-        model.lm_head.weight = nn.Parameter(grow(model.lm_head.weight.data))
-        model.lm_head.out_features = vocab_size
-    model.cfg.llm.vocab_size = vocab_size
-    return model
-
-
 # ----------------------------------------------------------------------------- LoRA (by hand)
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * x A^T B^T with the base frozen. B starts at zero: output unchanged at init."""
@@ -425,7 +407,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and peft use
         self.scaling = alpha / r
-        self.enabled = True
+        self.enabled = True  # ppo.lora_disabled turns the adapters off: the frozen base is the PPO reference model
 
     def forward(self, x):
         y = self.base(x)
@@ -460,19 +442,6 @@ def merge_lora(model: nn.Module):
                     child.base.weight.copy_(child.merged_weight())
                 setattr(module, name, child.base)
     return model
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Adapters off inside the block: the policy becomes its frozen base = the PPO reference model."""
-    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in loras:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m in loras:
-            m.enabled = True
 
 
 # ----------------------------------------------------------------------------- our checkpoint format
