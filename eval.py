@@ -1,15 +1,13 @@
 """Evaluate checkpoints side by side on held-out video QA, against a prior baseline, and on the benchmarks.
 
-Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's
-T=0.2 sampling as an option, SPEC 3). Answers are scored against the ground truth: exact match after
-normalisation for short answers, slot-level F1 (count, objects, motion, appear/leave) for descriptions.
-A 'prior' row answers the most frequent TRAINING answer of each question type, so every number has a floor.
+Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's T=0.2
+sampling as an option, SPEC 3), scored against the ground truth: exact match after normalisation, slot F1 for
+descriptions. A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
 
 With --benchmark, the models also answer the Video-ChatGPT benchmark (correctness, detail, context, temporal,
-consistency; 0-5) and zero-shot QA (accuracy, score), read from the official files (SPEC 4). A judge scores
-the answers against the files' answers: `rule` (deterministic matching, no model: a proxy, not GPT),
-`hf:PATH` (a local Hugging Face causal LM) or `openai:URL` (an OpenAI-compatible chat endpoint). Numbers
-are only comparable under one judge (SPEC 5), so results.json records the judge and refuses to mix judges.
+consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SPEC 4), scored by a judge: `rule`
+(deterministic matching: a proxy, not GPT), `hf:PATH` (local Hugging Face causal LM) or `openai:URL` (OpenAI-compatible
+chat endpoint). Numbers compare only under one judge (SPEC 5): results.json records it and refuses to mix judges.
 
     python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
     python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
@@ -416,9 +414,8 @@ def main(args):
     results = {}
     for name, preds in answers.items():
         scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
-        results[name] = summarize(qtypes, scores)
-        print(f"{name}: accuracy {100 * results[name]['accuracy']:.1f}% "
-              f"(micro {100 * results[name]['accuracy_micro']:.1f}%)")
+        results[name] = m = summarize(qtypes, scores)
+        print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
                  "question": r["turns"][-1][0].replace(data.VIDEO, "").strip()}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores)]
