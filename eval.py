@@ -152,10 +152,8 @@ def read_benchmark(folder, videos, limit=0):
 def overlap(pred, truth, qtype):
     """(precision, recall) of the facts pred states against truth's: description slots for descriptions,
     normalised words otherwise. An empty answer has precision 0: saying nothing is not being right."""
-    if qtype == "describe":
-        p, t = data.description_slots(pred), data.description_slots(truth)
-    else:
-        p, t = set(data.normalize(pred).split()), set(data.normalize(truth).split())
+    facts = data.description_slots if qtype == "describe" else (lambda text: set(data.normalize(text).split()))
+    p, t = facts(pred), facts(truth)
     hits = len(p & t)
     return (hits / len(p) if p else float(not t)), (hits / len(t) if t else 1.0)
 
