@@ -28,8 +28,7 @@ COLOURS = {"red": (40, 40, 230), "green": (40, 200, 40), "blue": (230, 80, 30), 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 NUMBERS = ["zero", "one", "two", "three"]
 BACKGROUND = (50, 50, 50)
-QTYPES = ["colour", "shape", "count", "direction", "order", "exists", "describe"]
-SHORT_QTYPES = QTYPES[:-1]  # one-word or one-phrase answers; "describe" is the long-answer type
+QTYPES = ["colour", "shape", "count", "direction", "order", "exists", "describe"]  # "describe": the long answer
 # Several phrasings per type: training sees them all, and the consistency benchmark pairs two of them.
 QUESTIONS = {
     "colour": ["What colour is the {shape}?", "Which colour does the {shape} have?"],
@@ -68,9 +67,8 @@ class Scene:
 
 
 def sample_scene(rng, id, size=48, frames=(8, 16), p_event=0.7):
-    """1-3 objects with distinct shapes and colours (so 'the circle' names one object), each moving in a
-    direction or still, never overlapping (a hidden object would make the description wrong); with
-    probability p_event one object appears or leaves midway (an order event)."""
+    """1-3 objects with distinct shapes and colours (so 'the circle' names one object), moving or still, never
+    overlapping (a hidden object would make the description wrong); p_event: P(an object appears or leaves midway)."""
     n_frames = rng.randint(*frames)
     n_obj = rng.randint(1, 3)
     shapes, colours = rng.sample(SHAPES, n_obj), rng.sample(list(COLOURS), n_obj)
@@ -123,8 +121,7 @@ def render(scene):
             elif o.shape == "square":
                 cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), c, -1)
             elif o.shape == "triangle":
-                pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)
-                cv2.fillPoly(img, [pts], c)
+                cv2.fillPoly(img, [np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)], c)
             else:  # cross
                 w = r // 3
                 cv2.rectangle(img, (int(cx - r), int(cy - w)), (int(cx + r), int(cy + w)), c, -1)
@@ -162,14 +159,10 @@ def description_slots(text):
     text, slots = text.lower(), set()
     if m := re.search(r"shows (\w+) object", text):
         slots.add(("count", m.group(1)))
-    for c, s in re.findall(_OBJ, text):
-        slots.add(("object", f"{c} {s}"))
     for c, s, d in re.findall(_OBJ + r" (?:appears and )?(?:moves (\w+)|stays still)", text):
         slots.add(("motion", f"{c} {s}", d or "still"))
-    for c, s in re.findall(r"a " + _OBJ + r" appears", text):
-        slots.add(("appears", f"{c} {s}"))
-    for c, s in re.findall(_OBJ + r" leaves", text):
-        slots.add(("leaves", f"{c} {s}"))
+    for slot, pattern in (("object", _OBJ), ("appears", r"a " + _OBJ + r" appears"), ("leaves", _OBJ + r" leaves")):
+        slots |= {(slot, f"{c} {s}") for c, s in re.findall(pattern, text)}
     return slots
 
 
@@ -204,14 +197,13 @@ def questions(scene, rng):
         q1, q2 = QUESTIONS[qtype]
         out.append((qtype, q1.format(**slots), answer, q2.format(**slots)))
 
-    n = scene.n_frames
     for o in scene.objects:
         add("colour", o.colour, shape=o.shape)
         add("shape", o.shape, colour=o.colour)
         add("direction", o.direction, obj=o.name)
     add("count", NUMBERS[len(scene.objects)])
     for o in scene.objects:  # order: the event object against each other object
-        if o.appear > 0 or o.leave < n:
+        if o.appear > 0 or o.leave < scene.n_frames:
             event, first = ("appears", None) if o.appear > 0 else ("leaves", o)
             for other in scene.objects:
                 if other is not o:
@@ -274,17 +266,11 @@ def rm_suffix(tok):
     return tok(f"USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids
 
 
-def read_prompt(context, question):
-    """Reading comprehension: answer a question from a description (text-only corpus)."""
-    return f"Description of the video: {context}\n{question}"
-
-
 def encode(tok, turns, n_video_tokens, max_len=None, system=None):
-    """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...]; assistant may be None
-    for a generation prompt. Labels are -100 except on assistant tokens and their EOS (SPEC 2). The single
-    <video> placeholder becomes n_video_tokens copies of the video token, filled in by the model.
-    Truncation policy: answers are cut from the end to fit max_len (keeping EOS); a prompt that does not
-    fit is an error. system: the system line (None = Vicuna v1's, SPEC 2; "" = none)."""
+    """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...] (assistant None: a generation
+    prompt). Labels are -100 except on assistant tokens and their EOS (SPEC 2). The one <video> placeholder becomes
+    n_video_tokens copies of the video token, filled in by the model. Answers are cut from the end to fit max_len
+    (keeping EOS); a prompt that does not fit is an error. system: None = Vicuna v1's line (SPEC 2), "" = none."""
     ids, labels = [tok.bos_token_id], [-100]
     system = SYSTEM if system is None else system
     text = f"{system} " if system else ""
@@ -297,8 +283,7 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
             answer = tok(" " + assistant, add_special_tokens=False).input_ids + [tok.eos_token_id]
             ids, labels = ids + answer, labels + answer
     vid = tok.convert_tokens_to_ids(VIDEO)
-    n_placeholders = ids.count(vid)
-    if n_placeholders > 1:
+    if (n_placeholders := ids.count(vid)) > 1:
         raise ValueError(f"expected at most one {VIDEO} placeholder per conversation, found {n_placeholders}")
     if n_placeholders:
         i = ids.index(vid)
@@ -382,17 +367,14 @@ def _read_frames(path, num_frames, span=(0.0, 1.0)):
             raise ValueError(f"{path}: frame folder has no images ({', '.join(IMAGE_EXTS)})")
         idx = _uniform(len(files), num_frames, span)
         frames = [cv2.imread(str(files[i])) for i in idx]
-        bad = [str(files[i]) for i, f in zip(idx, frames) if f is None]
-        if bad:
+        if bad := [str(files[i]) for i, f in zip(idx, frames) if f is None]:
             raise ValueError(f"{bad[0]}: unreadable image")
     else:
-        cap = cv2.VideoCapture(str(path))
-        raw = []
-        while True:  # decode everything: frame counts in container headers are unreliable
-            ok, f = cap.read()
-            if not ok:
-                break
+        cap, raw = cv2.VideoCapture(str(path)), []
+        ok, f = cap.read()
+        while ok:  # decode everything: frame counts in container headers are unreliable
             raw.append(f)
+            ok, f = cap.read()
         cap.release()
         if not raw:
             raise ValueError(f"{path}: unreadable or zero-frame video")
@@ -571,10 +553,6 @@ def write_jsonl(path, rows):
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=1))
-
-
 def _conv(id, video, turns, **extra):
     """A LLaVA record of several (question, answer) turns; the video placeholder opens the first question."""
     conv = []
@@ -598,9 +576,8 @@ def _judge_example(id, rng, qa, context, video):
 def generate_world(a: WorldArgs):
     rng = random.Random(a.seed)
     out = Path(a.out)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    (out / "truth").mkdir(exist_ok=True)
-    (out / "benchmark").mkdir(exist_ok=True)
+    for folder in ("videos", "truth", "benchmark"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     rows = {k: [] for k in ("sft", "rl", "eval", "text", "scenes", "rl_answers")}
     bench = {"generic_qa": [], "temporal_qa": [], "consistency_qa": [], "zeroshot_qa": []}
     frames = (a.min_frames, a.max_frames)
@@ -628,11 +605,8 @@ def generate_world(a: WorldArgs):
                                        "description": describe(scene)})
                     rows["rl_answers"].append({"id": f"{scene.id}-{j}", "answer": ans, "type": t})
             else:  # one question per type the scene has
-                by_type = {}
-                for item in qa:
-                    by_type.setdefault(item[0], []).append(item)
-                for t, items in by_type.items():
-                    t, q, ans, q2 = rng.choice(items)
+                for t in dict.fromkeys(t for t, *_ in qa):
+                    t, q, ans, q2 = rng.choice([x for x in qa if x[0] == t])
                     qid = f"{scene.id}-{t}"
                     rows["eval"].append(_conv(qid, video, [(q, ans)], type=t))
                     name = Path(video).name
@@ -644,17 +618,15 @@ def generate_world(a: WorldArgs):
                                                      "answer": ans, "type": t})
     for i in range(a.n_text):  # abundant text: read a description; judge two answers against it
         scene = sample_scene(rng, f"text_{i:05d}", a.size, frames)
-        ctx = describe(scene)
-        qa = questions(scene, rng)
+        ctx, qa = describe(scene), questions(scene, rng)
         t, q, ans, _ = rng.choice(qa)
-        rows["text"].append(_conv(f"{scene.id}-read", None, [(read_prompt(ctx, q), ans)], type=f"read_{t}"))
+        rows["text"].append(_conv(f"{scene.id}-read", None, [(f"Description of the video: {ctx}\n{q}", ans)],
+                                  type=f"read_{t}"))
         rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
-    for k in ("sft", "rl", "eval", "text"):
-        write_jsonl(out / f"{k}.jsonl", rows[k])
-    write_jsonl(out / "truth" / "scenes.jsonl", rows["scenes"])
-    write_jsonl(out / "truth" / "rl_answers.jsonl", rows["rl_answers"])
+    for k, v in rows.items():  # the scenes and the rl answers are the truth, kept apart from the splits
+        write_jsonl(out / ("truth" if k in ("scenes", "rl_answers") else "") / f"{k}.jsonl", v)
     for k, v in bench.items():
-        _json(out / "benchmark" / f"{k}.json", v)
+        write_atomic(out / "benchmark" / f"{k}.json", json.dumps(v, indent=1))
     # the fixed template text is weighted as often as it is used, so BPE learns its words whole
     texts = [SYSTEM, CRITERIA, RM_PROMPT, "USER: ASSISTANT:", judge_prompt("q", "a", "b", "c")] * 1000
     texts += [r["description"] for r in rows["scenes"]]
@@ -662,8 +634,9 @@ def generate_world(a: WorldArgs):
         texts += [c["value"] for r in rows[k] for c in r["conversations"]]
     texts += [r["question"] for r in rows["rl"]]
     train_tokenizer(texts, out / "tokenizer", a.vocab_size)
-    _json(out / "world.json", {**asdict(a), **{k: len(v) for k, v in rows.items()}})  # written last: complete
-    return {k: len(v) for k, v in rows.items()}
+    counts = {k: len(v) for k, v in rows.items()}
+    write_atomic(out / "world.json", json.dumps({**asdict(a), **counts}, indent=1))  # written last: complete
+    return counts
 
 
 def parse_args(cls, argv=None, description=None):
@@ -709,9 +682,8 @@ def start_run(out, args, resume):
 
 
 def cli(main, cls, description=None, argv=None):
-    """A stage's command line: parse the arguments and run main. Bad input (a ValueError or OSError: a
-    malformed or missing file, a wrong checkpoint, a full disk) ends the stage with exit status 1 and ONE
-    line `<stage>: error: <what, where>` instead of a traceback."""
+    """A stage's command line: parse the arguments, run main. Bad input (ValueError or OSError: a malformed or
+    missing file, a wrong checkpoint, a full disk) exits with status 1 and ONE line `<stage>: error: <what, where>`."""
     args = parse_args(cls, argv, description)
     try:
         out = main(args)

@@ -1,15 +1,13 @@
 """Evaluate checkpoints side by side on held-out video QA, against a prior baseline, and on the benchmarks.
 
-Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's
-T=0.2 sampling as an option, SPEC 3). Answers are scored against the ground truth: exact match after
-normalisation for short answers, slot-level F1 (count, objects, motion, appear/leave) for descriptions.
-A 'prior' row answers the most frequent TRAINING answer of each question type, so every number has a floor.
+Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's T=0.2
+sampling as an option, SPEC 3), scored against the ground truth: exact match after normalisation, slot F1 for
+descriptions. A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
 
 With --benchmark, the models also answer the Video-ChatGPT benchmark (correctness, detail, context, temporal,
-consistency; 0-5) and zero-shot QA (accuracy, score), read from the official files (SPEC 4). A judge scores
-the answers against the files' answers: `rule` (deterministic matching, no model: a proxy, not GPT),
-`hf:PATH` (a local Hugging Face causal LM) or `openai:URL` (an OpenAI-compatible chat endpoint). Numbers
-are only comparable under one judge (SPEC 5), so results.json records the judge and refuses to mix judges.
+consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SPEC 4), scored by a judge: `rule`
+(deterministic matching: a proxy, not GPT), `hf:PATH` (local Hugging Face causal LM) or `openai:URL` (OpenAI-compatible
+chat endpoint). Numbers compare only under one judge (SPEC 5): results.json records it and refuses to mix judges.
 
     python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
     python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
@@ -63,8 +61,7 @@ def qtype_of(record):
 
 
 def prior_answers(records):
-    """{type: most frequent answer of that type}; ties go to the alphabetically first answer, so the prior
-    does not depend on the file's order."""
+    """{type: most frequent answer of that type}; ties go to the alphabetically first (file order is irrelevant)."""
     counts = {}
     for r in records:  # a multi-turn record lists each turn's type in `types` (data.py's packed sft QA)
         for t, (_, answer) in zip(r.get("types") or [qtype_of(r)] * len(r["turns"]), r["turns"]):
@@ -122,8 +119,7 @@ def model_name(spec):
 
 
 # ----------------------------------------------------------------------------- benchmarks and judges (SPEC 3, 4)
-FILES = {"generic": "generic_qa.json", "temporal": "temporal_qa.json", "consistency": "consistency_qa.json",
-         "zeroshot": "zeroshot_qa.json"}
+FILES = {task: f"{task}_qa.json" for task in ("generic", "temporal", "consistency", "zeroshot")}
 TASK_CRITERIA = {"generic": ["correctness", "detail", "context"], "temporal": ["temporal"],
                  "consistency": ["consistency"], "zeroshot": ["qa"]}  # as the Video-ChatGPT benchmark pairs them
 VIDEO_EXTS = ("", ".mp4", ".avi", ".mkv", ".mov", ".webm")
@@ -131,9 +127,8 @@ VIDEO_EXTS = ("", ".mp4", ".avi", ".mkv", ".mov", ".webm")
 
 def find_video(folder, name):
     """Benchmark files name videos with or without an extension (MSVD's are .avi, ActivityNet's .mp4 or .mkv)."""
-    for ext in VIDEO_EXTS:
-        if Path(folder, name + ext).exists():
-            return str(Path(folder, name + ext))
+    if found := next((Path(folder, name + ext) for ext in VIDEO_EXTS if Path(folder, name + ext).exists()), None):
+        return str(found)
     raise FileNotFoundError(f"{Path(folder, name)}: video not found (also tried {', '.join(VIDEO_EXTS[1:])}); "
                             "--videos must be the folder the benchmark's video_name files are in")
 
@@ -157,10 +152,8 @@ def read_benchmark(folder, videos, limit=0):
 def overlap(pred, truth, qtype):
     """(precision, recall) of the facts pred states against truth's: description slots for descriptions,
     normalised words otherwise. An empty answer has precision 0: saying nothing is not being right."""
-    if qtype == "describe":
-        p, t = data.description_slots(pred), data.description_slots(truth)
-    else:
-        p, t = set(data.normalize(pred).split()), set(data.normalize(truth).split())
+    facts = data.description_slots if qtype == "describe" else (lambda text: set(data.normalize(text).split()))
+    p, t = facts(pred), facts(truth)
     hits = len(p & t)
     return (hits / len(p) if p else float(not t)), (hits / len(t) if t else 1.0)
 
@@ -321,17 +314,12 @@ def make_judge(args):
 
 def bench_summary(rows):
     """Means over the replies the judge gave (failed items are counted, never averaged in as zeros)."""
-    out, n, failed = {}, {}, {}
-    for c in CRITERIA:
-        rs = [r for r in rows if r["criterion"] == c]
-        ok = [r for r in rs if r["score"] is not None]
-        n[c], failed[c] = len(rs), len(rs) - len(ok)
-        mean = (lambda xs: sum(xs) / len(xs)) if ok else (lambda xs: None)
-        if c == "qa":
-            out["qa_accuracy"], out["qa_score"] = mean([r["pred"] == "yes" for r in ok]), mean([r["score"] for r in ok])
-        else:
-            out[c] = mean([r["score"] for r in ok])
-    return {**out, "n": n, "failed": failed}
+    rows = {c: [r for r in rows if r["criterion"] == c] for c in CRITERIA}
+    ok = {c: [r for r in rs if r["score"] is not None] for c, rs in rows.items()}
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    out = {c: mean([r["score"] for r in ok[c]]) for c in CRITERIA if c != "qa"}
+    out.update(qa_accuracy=mean([r["pred"] == "yes" for r in ok["qa"]]), qa_score=mean([r["score"] for r in ok["qa"]]))
+    return {**out, "n": {c: len(rs) for c, rs in rows.items()}, "failed": {c: len(rows[c]) - len(ok[c]) for c in rows}}
 
 
 BENCH_COLS = ["correctness", "detail", "context", "temporal", "consistency", "qa_accuracy", "qa_score"]
@@ -393,8 +381,7 @@ def main(args):
     judge_name, judge = make_judge(args) if args.benchmark else (None, None)  # a bad --judge fails here
     if args.benchmark:
         settings.update(benchmark=args.benchmark, judge=judge_name)
-    # results.json is merged into, so models can be added one run at a time; a settings clash fails here,
-    # before any generation
+    # results.json is merged into (models can be added one run at a time): a settings clash fails before generating
     results_file = out / "results.json"
     merged = merge_results(json.loads(results_file.read_text()) if results_file.exists() else None, {}, settings)
 
@@ -403,8 +390,7 @@ def main(args):
     records = data.read_conversations(args.data)[:args.limit or None] if args.data else []
     if args.data and not records:
         raise ValueError(f"{args.data}: no records to evaluate")
-    qtypes = [qtype_of(r) for r in records]
-    truths = [r["turns"][-1][1] for r in records]
+    qtypes, truths = [qtype_of(r) for r in records], [r["turns"][-1][1] for r in records]
     prior = prior_answers(data.read_conversations(args.prior_data)) if args.prior_data else None
     if records:
         print(f"eval: {len(records)} questions from {args.data} ("
@@ -420,24 +406,20 @@ def main(args):
     if rank > 0:
         return None  # scoring and files are rank 0's
 
-    # 3. score against the ground truth; predictions per model
-    results, scores = {}, {}
-    for name, preds in answers.items():
-        scores[name] = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
-        results[name] = summarize(qtypes, scores[name])
-        print(f"{name}: accuracy {100 * results[name]['accuracy']:.1f}% "
-              f"(micro {100 * results[name]['accuracy_micro']:.1f}%)")
-
-    # predictions per model (nothing is written before this point: an eval that fails leaves no output)
+    # 3. score against the ground truth, predictions per model (nothing is written before this point: an eval
+    # that fails leaves no output)
     data.start_run(out, args, resume=False)
+    results = {}
     for name, preds in answers.items():
+        scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
+        results[name] = m = summarize(qtypes, scores)
+        print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
                  "question": r["turns"][-1][0].replace(data.VIDEO, "").strip()}
-                for r, t, y, p, s in zip(records, qtypes, truths, preds, scores[name])]
+                for r, t, y, p, s in zip(records, qtypes, truths, preds, scores)]
         data.write_jsonl(out / f"predictions_{name}.jsonl", rows)
 
-    # 4. the benchmarks: every model (and the prior) answers every question, then the judge scores each item
-    # on its task's criteria
+    # 4. the benchmarks: every model (and the prior) answers every question; the judge scores each item per criterion
     bench = {}
     if args.benchmark:
         items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit)
@@ -450,8 +432,7 @@ def main(args):
               f"judge {judge_name}")
         recs = [{"video": v, "turns": [(f"{data.VIDEO}\n{q}", "")]} for v, q in questions]
         bench_answers = {"prior": [prior.get(t, "") for t in questions.values()]} if prior else {}
-        for name, path in named.items():
-            bench_answers[name] = generate_answers(name, path, recs, args)
+        bench_answers |= {name: generate_answers(name, path, recs, args) for name, path in named.items()}
         for name, ans in bench_answers.items():
             rows = []
             for it in tqdm(items, desc=f"judge {name}"):

@@ -6,7 +6,6 @@ reward/value head, hand-written LoRA, and our own checkpoint format (`save_pretr
 There is no dropout anywhere: PPO needs the first policy ratio to be exactly 1 (SPEC 5).
 """
 import atexit
-import contextlib
 import json
 import math
 import os
@@ -136,7 +135,6 @@ class CLIPEmbeddings(nn.Module):
 
 class CLIPVision(nn.Module):
     """Returns CLIP's hidden_states[select_layer] without the CLS token; later layers are never built."""
-
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = CLIPEmbeddings(cfg)
@@ -179,7 +177,6 @@ def apply_rope(x, cos, sin):  # x (B, H, T, hd)
 
 class KVCache:
     """Keys/values of every layer, preallocated for the whole generation and written in place."""
-
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
@@ -198,8 +195,7 @@ class LlamaAttention(nn.Module):
         self.layer_idx, self.n_heads, self.n_kv = layer_idx, cfg.num_heads, cfg.num_kv_heads
         hd = cfg.hidden_size // cfg.num_heads
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=False) for _ in range(2))
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, D), mask (B, 1, T, S) bool
@@ -211,9 +207,8 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
-        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv; SDPA
-        # does the grouping itself, without copying the keys and values per query head (profiled: that
-        # copy of the whole cache at every step was 40% of the tiny model's sampling time)
+        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv, but SDPA groups
+        # without copying the cache per query head (profiled: that copy was 40% of the tiny model's sampling time)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).flatten(2))
 
@@ -221,8 +216,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(2))
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
@@ -257,14 +251,11 @@ def attention_mask_4d(attention_mask, T: int):
 class VideoLLM(nn.Module):
     """forward(input_ids, attention_mask, videos, cache) -> final-norm hidden states (B, T, D).
 
-    Heads are separate calls so each stage pays only for what it uses: `logits(h)`, `values(h)` and
-    `reward(...)`. `torch.compile(model)` works for training forwards (no cache); `generate` stays eager.
-    """
-
+    Heads are separate calls so each stage pays only for what it uses: `logits(h)`, `values(h)` and `reward(...)`.
+    `torch.compile(model)` works for training forwards (no cache); `generate` stays eager."""
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        self.cfg = cfg
-        lc = cfg.llm
+        self.cfg, lc = cfg, cfg.llm
         self.vision = CLIPVision(cfg.vision)
         self.projector = nn.Sequential(  # LLaVA mlp2x_gelu (SPEC 2)
             nn.Linear(cfg.vision.hidden_size, lc.hidden_size), nn.GELU(), nn.Linear(lc.hidden_size, lc.hidden_size))
@@ -279,8 +270,6 @@ class VideoLLM(nn.Module):
         self._init_weights()
         if lc.tie_word_embeddings:
             self.lm_head.weight = self.llm.embed_tokens.weight
-        if cfg.kind != "policy":
-            self.init_score_head(zero=cfg.kind == "value")
 
     def _init_weights(self):
         """From-scratch init (loaded weights replace it). Every matrix gets std 1/sqrt(fan_in), so activations
@@ -300,28 +289,17 @@ class VideoLLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.vision.embeddings.class_embedding, std=0.02)
-
-    @staticmethod
-    def from_hf(*args, **kwargs) -> "VideoLLM":
-        """Build from local Hugging Face folders; see the module-level `from_hf` at the end of this file."""
-        return from_hf(*args, **kwargs)
-
-    def init_score_head(self, zero: bool):
-        """Reward head: small normal weight, zero bias (SPEC 3). Value head: all zeros, so the value model
-        starts from the RM's features but predicts 0 everywhere (SPEC 3)."""
-        if zero:
+        # score head (bias zeroed above, SPEC 3): all zeros for a value model, which starts from the RM but predicts 0
+        if self.cfg.kind == "value":
             nn.init.zeros_(self.score_head.weight)
-        else:  # AlpacaFarm / LLaVA-RLHF reward-head init
+        elif self.cfg.kind != "policy":  # reward head: small normal weight, as AlpacaFarm / LLaVA-RLHF
             nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(self.cfg.llm.hidden_size + 1))
-        nn.init.zeros_(self.score_head.bias)
 
     def encode_video(self, videos):  # (B, F, 3, H, W) normalised pixels -> (B, F + P, D)
-        B = videos.shape[0]
         feats = self.vision(rearrange(videos, "b f c h w -> (b f) c h w"))  # (B*F, P, Dv)
-        x = rearrange(self.projector(feats), "(b f) p d -> b f p d", b=B)  # project every frame, THEN pool (SPEC 5)
-        temporal = x.mean(dim=2)  # (B, F, D): one token per frame
-        spatial = x.mean(dim=1)  # (B, P, D): one token per patch position
-        return torch.cat([temporal, spatial], dim=1)  # temporal first (SPEC 2)
+        x = rearrange(self.projector(feats), "(b f) p d -> b f p d", b=len(videos))  # (B, F, P, D)
+        # every frame projected, THEN pooled (SPEC 5); temporal tokens first (SPEC 2): one per frame, then one per patch
+        return torch.cat([x.mean(dim=2), x.mean(dim=1)], dim=1)
 
     def embed(self, input_ids, videos=None):
         """Token embeddings with the video placeholders replaced by video tokens, in order.
@@ -379,10 +357,9 @@ class VideoLLM(nn.Module):
         """Sample from LEFT-padded prompts with a KV cache. Returns responses (B, N) and their logprobs (B, N),
         N <= max_new_tokens (stops once every row emitted EOS); after a row's EOS: pad tokens, logprob 0.
 
-        temperature 0 = greedy. logprobs are log_softmax(logits / T) of the chosen token (T = 1 when greedy),
-        exactly what a full forward recomputes with the same scaling (SPEC 5). top_p filtering is NOT
-        reflected in them: PPO samples with top_p = 1 (SPEC 3), where the two agree.
-        """
+        temperature 0 = greedy. logprobs are log_softmax(logits / T) of the chosen token (T = 1 when greedy), exactly
+        what a full forward recomputes with the same scaling (SPEC 5). top_p filtering is NOT reflected in them: PPO
+        samples with top_p = 1 (SPEC 3), where the two agree."""
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs LEFT-padded prompts: the last column must be real tokens")
         B, T = input_ids.shape
@@ -395,9 +372,8 @@ class VideoLLM(nn.Module):
         for _ in range(max_new_tokens):
             logp = F.log_softmax(self.logits(hidden).float() / scale, dim=-1)  # (B, V)
             tok = logp.argmax(-1) if temperature == 0 else sample_top_p(logp.exp(), top_p, generator)
-            tok_logp = logp.gather(1, tok[:, None]).squeeze(1)
             tokens.append(tok.masked_fill(done, cfg.pad_token_id))
-            logprobs.append(tok_logp.masked_fill(done, 0.0))
+            logprobs.append(logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0))
             done = done | (tok == cfg.eos_token_id)
             if bool(done.all()):
                 break
@@ -407,11 +383,10 @@ class VideoLLM(nn.Module):
 
 
 def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
-    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p, then draw one
-    token per row by inverting the cumulative distribution (the first token whose cumulative mass exceeds
-    u * total, u ~ U[0, 1): a zero-probability token is never drawn). Same distribution as torch.multinomial,
-    which on CPU draws an exponential per vocabulary entry: 12.7 ms against 0.6 ms here for 16 rows of 32k
-    tokens (measured on 1 core)."""
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p, then draw one token
+    per row by inverting the cumulative distribution (the first token whose cumulative mass exceeds u * total,
+    u ~ U[0, 1): a zero-probability token is never drawn). Same distribution as torch.multinomial, which on CPU
+    draws an exponential per vocabulary entry: 12.7 ms against 0.6 ms here for 16 rows of 32k tokens (1 core)."""
     if top_p < 1.0:
         p, idx = probs.sort(-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)  # mass BEFORE a token already enough: drop it
@@ -422,30 +397,9 @@ def sample_top_p(probs, top_p: float, generator=None):  # (B, V) -> (B,)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[1] - 1)
 
 
-def resize_vocab(model: VideoLLM, vocab_size: int):
-    """Grow embeddings (and an untied lm_head) to vocab_size, e.g. after adding <video> and <pad> to a LLaMA
-    tokenizer; new rows start at the mean of the old ones, so new tokens begin as an 'average' token."""
-    n = model.cfg.llm.vocab_size
-    if vocab_size <= n:
-        return model
-
-    def grow(w):  # (n, D) -> (vocab_size, D)
-        return torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - n, -1)])
-
-    model.llm.embed_tokens = nn.Embedding.from_pretrained(grow(model.llm.embed_tokens.weight.data), freeze=False)
-    if model.cfg.llm.tie_word_embeddings:
-        model.lm_head.weight = model.llm.embed_tokens.weight
-    else:
-        model.lm_head.weight = nn.Parameter(grow(model.lm_head.weight.data))
-        model.lm_head.out_features = vocab_size
-    model.cfg.llm.vocab_size = vocab_size
-    return model
-
-
 # ----------------------------------------------------------------------------- LoRA (by hand)
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * x A^T B^T with the base frozen. B starts at zero: output unchanged at init."""
-
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -453,13 +407,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear and peft use
         self.scaling = alpha / r
-        self.enabled = True
+        self.enabled = True  # ppo.lora_disabled turns the adapters off: the frozen base is the PPO reference model
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled:
-            y = y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
-        return y
+        return y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling if self.enabled else y
 
     def merged_weight(self):
         return self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
@@ -490,19 +442,6 @@ def merge_lora(model: nn.Module):
                     child.base.weight.copy_(child.merged_weight())
                 setattr(module, name, child.base)
     return model
-
-
-@contextlib.contextmanager
-def lora_disabled(model: nn.Module):
-    """Adapters off inside the block: the policy becomes its frozen base = the PPO reference model."""
-    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for m in loras:
-        m.enabled = False
-    try:
-        yield model
-    finally:
-        for m in loras:
-            m.enabled = True
 
 
 # ----------------------------------------------------------------------------- our checkpoint format
@@ -564,8 +503,7 @@ def load_config(path: str) -> tuple[VLMConfig, dict]:
     """(VLMConfig, extra_config dict) of one of our checkpoints."""
     with open(os.path.join(path, "config.json")) as f:
         d = json.load(f)
-    extra = d.pop("extra", {})
-    return VLMConfig.from_dict(d), extra
+    return VLMConfig.from_dict({k: v for k, v in d.items() if k != "extra"}), d.get("extra", {})
 
 
 def load_pretrained(path: str, kind: str | None = None, new_head: str | None = None) -> VideoLLM:
@@ -594,10 +532,7 @@ def map_hf_key(key: str) -> str | None:
                ("model.", "llm."), ("lm_head.", "lm_head.")]  # LlamaForCausalLM
     if key.endswith(("rotary_emb.inv_freq", "position_ids")):
         return None
-    for old, new in renames:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
+    return next((new + key[len(old):] for old, new in renames if key.startswith(old)), None)
 
 
 def read_hf_weights(path: str, prefixes: tuple, key_map=map_hf_key) -> dict:
@@ -694,6 +629,9 @@ def from_hf(llm_path: str, vision_path: str | None = None, projector_path: str |
     return model
 
 
+VideoLLM.from_hf = staticmethod(from_hf)  # the entry point the stages call: VideoLLM.from_hf(...)
+
+
 # ----------------------------------------------------------------------------- the large-model path
 def for_training(model: VideoLLM, device, bf16=False, compile=False, grad_ckpt=False):
     """Options for large models, applied after LoRA / freezing: gradient checkpointing of the LLM layers; bf16
@@ -732,20 +670,18 @@ def all_sum(x, device):
 
 
 def sync_gradients(params):
-    """Data parallel by hand: after every rank's backward on its shard, sum each gradient over the ranks (each
-    rank's loss is its share of the global batch's loss, so the sum is the global gradient). This is DDP's
-    all-reduce, unbucketed. DDP's wrapper is not used because it only tracks parameters reached inside forward():
-    our heads are separate calls (logits / values / reward) and text-only batches skip the vision tower. A
-    parameter that no rank used keeps grad None, as in one process (AdamW then leaves it alone)."""
+    """Data parallel by hand: after every rank's backward on its shard, sum each gradient over the ranks (each rank's
+    loss is its share of the global batch's loss, so the sum is the global gradient): DDP's all-reduce, unbucketed.
+    DDP's wrapper is not used: it tracks only parameters reached inside forward(), but our heads are separate calls
+    and text-only batches skip the vision tower. A parameter no rank used keeps grad None, as in one process."""
     if not dist.is_initialized():
         return
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(used)
-    for p, u in zip(params, used.tolist()):
-        if u:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    for p in [p for p, u in zip(params, used.tolist()) if u]:  # every parameter some rank used
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def gather(items: list) -> list:

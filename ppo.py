@@ -182,6 +182,19 @@ def answer_hidden(model, ids, attention_mask, videos, n_answer):  # -> (B, N, D)
     return model(ids, attention_mask, videos)[:, -n_answer - 1:-1]
 
 
+@contextlib.contextmanager
+def lora_disabled(model: torch.nn.Module):
+    """Adapters off inside the block: the policy becomes its frozen base = the PPO reference model."""
+    loras = [m for m in model.modules() if isinstance(m, M.LoRALinear)]
+    for m in loras:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in loras:
+            m.enabled = True
+
+
 @torch.no_grad()
 def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
     """Sample one answer per query (lists of token ids) and evaluate it: -> dict of (B, ...) tensors.
@@ -202,7 +215,7 @@ def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
     for rows in torch.arange(len(ids), device=device).split(a.minibatch):  # memory: one minibatch at a time
         args = (ids[rows], attention_mask[rows], videos[rows], responses.shape[1])
         logits = policy.logits(answer_hidden(policy, *args))  # (b, N, V)
-        with M.lora_disabled(policy) if ref is None else contextlib.nullcontext():
+        with lora_disabled(policy) if ref is None else contextlib.nullcontext():
             ref_logits = reference.logits(answer_hidden(reference, *args))
         parts.append(dict(logprobs=logprobs_from_logits(logits, responses[rows], a.temperature),
                           ref_logprobs=logprobs_from_logits(ref_logits, responses[rows], a.temperature),

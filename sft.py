@@ -66,6 +66,23 @@ class Args:
     seed: int = 0  # data order and initialisation
 
 
+def resize_vocab(model: M.VideoLLM, vocab_size: int):
+    """Grow embeddings (and an untied lm_head) to vocab_size, e.g. after adding <video> and <pad> to a LLaMA
+    tokenizer; new rows start at the mean of the old ones, so new tokens begin as an 'average' token."""
+    n = model.cfg.llm.vocab_size
+    if vocab_size <= n:
+        return model
+    grow = lambda w: torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - n, -1)])  # (n, D) -> (vocab_size, D)
+    model.llm.embed_tokens = torch.nn.Embedding.from_pretrained(grow(model.llm.embed_tokens.weight.data), freeze=False)
+    if model.cfg.llm.tie_word_embeddings:
+        model.lm_head.weight = model.llm.embed_tokens.weight
+    else:
+        model.lm_head.weight = torch.nn.Parameter(grow(model.lm_head.weight.data))
+        model.lm_head.out_features = vocab_size
+    model.cfg.llm.vocab_size = vocab_size
+    return model
+
+
 def build_model(a: Args, tok) -> M.VideoLLM:
     """From scratch, from one of our checkpoints, or from Hugging Face parts (LLaMA + CLIP + projector)."""
     ids = dict(video_token_id=tok.convert_tokens_to_ids(data.VIDEO), pad_token_id=tok.pad_token_id,
@@ -83,7 +100,7 @@ def build_model(a: Args, tok) -> M.VideoLLM:
         data.check_tokenizer(tok, m.cfg, a.tokenizer or a.init)
         return m
     m = M.VideoLLM.from_hf(a.init, a.vision or None, a.projector or None, num_frames=a.frames, **ids)
-    return M.resize_vocab(m, len(tok))  # room for the added <video> / <pad> tokens
+    return resize_vocab(m, len(tok))  # room for the added <video> / <pad> tokens
 
 
 def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_short, epochs_long, replay,

@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, load_hf_clip_vision,
-                   load_hf_llama, load_pretrained, lora_disabled, map_hf_key, merge_lora, resize_vocab, sample_top_p,
-                   save_pretrained)
+                   load_hf_llama, load_pretrained, map_hf_key, merge_lora, sample_top_p, save_pretrained)
+from ppo import lora_disabled
+from sft import resize_vocab
 
 TOL = 1e-4
 # tiny tensors: OpenMP threads only add sync overhead (seen here: 25 s with 2 threads vs 4 s with 1)
