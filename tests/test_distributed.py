@@ -35,7 +35,7 @@ def stages(w, tag):
                  "--frames", "4", "--epochs_text", "1", "--epochs_short", "1", "--epochs_long", "1", "--batch_size", "8",
                  "--warmup", "2", "--max_len", "512"]),
         ("make_prefs", [*out("prefs"), "--prompts", str(s / "rl.jsonl"), "--sft", str(w / "sft"), "--batch_size", "2",
-                        "--max_new_tokens", "8", "--context", "self"]),
+                        "--max_new_tokens", "8", "--context", "self", "--k", "2"]),
         ("train_rm", [*out("rm"), "--prefs", str(prefs), "--video_root", str(s), "--sft", str(w / "sft"),
                       "--holdout", "0.25", "--batch_size", "3", "--epochs", "2"]),
         ("eval", [*out("eval"), "--models", str(w / "sft"), "--data", str(s / "eval.jsonl"), "--prior_data",

@@ -36,7 +36,7 @@ def argv(stage, w, out, **over):
         "sft": dict(train=[s / "sft.jsonl", s / "text.jsonl"], tokenizer=s / "tokenizer", hidden=32, layers=1,
                     heads=2, kv_heads=1, vision_hidden=16, vision_layers=2, frames=4, epochs_text=2, epochs_short=1,
                     epochs_long=1, batch_size=4, warmup=2, save_every=2, max_len=512),
-        "make_prefs": dict(prompts=s / "rl.jsonl", sft=w / "sft", batch_size=1, max_new_tokens=8),
+        "make_prefs": dict(prompts=s / "rl.jsonl", sft=w / "sft", batch_size=1, k=2, max_new_tokens=8),
         "train_rm": dict(prefs=w / "prefs" / "prefs.jsonl", video_root=s, sft=w / "sft", holdout=0.25, epochs=3,
                          batch_size=1, save_every=2),
         "ppo": dict(prompts=s / "rl.jsonl", sft=w / "sft", rm=w / "rm" / "model", iterations=10, rollout_batch=2,
