@@ -147,12 +147,12 @@ def lr_at(step, total, peak, warmup):
 
 
 def sft_loss(model, ids, mask, labels, videos):
-    """Mean next-token cross-entropy over assistant tokens and EOS (labels != -100, SPEC 2). Logits are
-    computed only where there is a label: the prompt and video positions never reach the lm_head."""
+    """SUMMED next-token cross-entropy over assistant tokens and EOS (labels != -100, SPEC 2), and their
+    number. Logits are computed only where there is a label: prompt and video positions never reach the lm_head."""
     hidden = model(ids, mask, videos)[:, :-1]  # (B, T-1, D): position t predicts token t+1
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != -100
-    return F.cross_entropy(model.logits(hidden[keep]).float(), targets[keep]), int(keep.sum())
+    return F.cross_entropy(model.logits(hidden[keep]).float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
 def main(a: Args):
@@ -197,6 +197,12 @@ def main(a: Args):
                          a.long_answer_tokens, a.epochs_text, a.epochs_short, a.epochs_long, a.replay,
                          a.text_mix, a.batch_size, a.seed, [len(e["ids"]) for e in examples], a.group)
     n_stage = {s: sum(stage == s for stage, _ in batches) for s in ("text", "short", "long")}
+    # the loss of a step is its summed token loss over the stage's mean answer tokens per batch, not over the
+    # batch's own count: a length-grouped batch of 16 one-word text answers would otherwise weigh as much as one
+    # of 16 packed clips with ~100 answer tokens (measured: the video skills fell, README)
+    answer_tokens = [sum(l != -100 for l in e["labels"]) for e in examples]
+    per_batch = {s: sum(answer_tokens[i] for stage, b in batches if stage == s for i in b) / max(1, n)
+                 for s, n in n_stage.items()}
     if rank == 0:
         print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
@@ -229,11 +235,10 @@ def main(a: Args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)
         with autocast():
-            loss, n = sft_loss(forward, ids, mask, labels, vids)
+            loss_sum, n = sft_loss(forward, ids, mask, labels, vids)
+        loss = loss_sum * bool(mine) / per_batch[stage]  # ranks' shares of the batch: their gradients are summed
         n_all, batch_tokens = M.all_sum([n if mine else 0, int(mask.sum()) if mine else 0], device).tolist()
-        if world > 1:  # this rank's share of the batch's mean over answer tokens: the shares' gradients are summed
-            loss = loss * (n if mine else 0) / n_all
-        value = float(M.all_sum(loss, device))  # the whole batch's loss, the same on every rank
+        value = float(M.all_sum(loss_sum.detach() * bool(mine), device)) / max(1, n_all)  # per answer token
         if not math.isfinite(value):
             raise SystemExit(f"sft: non-finite loss at step {step}; the last good state is "
                              f"{resume_file if os.path.exists(resume_file) else 'none (no resume point yet)'}")
