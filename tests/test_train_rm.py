@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 def args(world, out, **kw):
     return rm.Args(**{**dict(prefs=str(world / "prefs" / "prefs.jsonl"), video_root=str(world / "shapes"),
                              sft=str(world / "sft"), out=str(out), holdout=0.25, batch_size=2, save_every=3,
-                             device="cpu"), **kw})
+                             min_confidence=0.5, device="cpu"), **kw})
 
 
 def test_bt_loss_by_hand():
