@@ -32,7 +32,7 @@ class Args:
     out: str = "runs/tiny/prefs_gt"  # run folder
     context: str = "gt"  # gt = the prompt's description | self = the SFT model's clip descriptions | none
     n_clips: int = 3  # self context: consecutive clips described and concatenated (SPEC 3: 3 worked best)
-    k: int = 6  # answers sampled per prompt, judged in consecutive pairs (0,1), (2,3), ... (SPEC 3: 2; 3 pairs a prompt: a better RM, README)
+    k: int = 6  # answers per prompt, judged in pairs (0,1), (2,3), ... (SPEC 3: 2; 3 pairs: a better RM, README)
     temperature: float = 1.0  # answer sampling temperature (SPEC 3: PPO samples at 1.0 too)
     top_p: float = 1.0  # nucleus sampling for the answers
     max_new_tokens: int = 64  # per answer and per clip description (a world description is ~40 tokens)
@@ -128,7 +128,7 @@ def reply_logprobs(model, tok, users, replies, videos):
     as generation does, so judging both answers costs one pass over the prompt, not two."""
     cfg, device = model.cfg, videos.device
     prompts = [data.encode(tok, [(u, None)], cfg.n_video_tokens, system=cfg.system)[0] for u in users]
-    ids = data.pad(prompts, tok.pad_token_id, left=True).to(device)  # left: the last column is every row's last prompt token
+    ids = data.pad(prompts, tok.pad_token_id, left=True).to(device)  # left: the last column is each last prompt token
     mask = data.pad([[1] * len(p) for p in prompts], 0, left=True).to(device)
     # a reply's tokens are what encode appends to the prompt (" reply" + EOS)
     answers = [[data.encode(tok, [(u, r)], cfg.n_video_tokens, system=cfg.system)[0][len(p):]

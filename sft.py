@@ -50,7 +50,7 @@ class Args:
     text_mix: float = 1.0  # short text-only examples mixed in per short video example in the short stage
     replay: float = 1.0  # short-answer examples replayed per long-answer example in the second stage (0 = paper)
     batch_size: int = 16  # examples per step (more, smaller steps escaped the prior plateau sooner)
-    group: int = 8  # batches per length-sorted window (HF's group_by_length): 1 = plain shuffle, whose batches are 57% padding here
+    group: int = 8  # batches per length-sorted window (HF's group_by_length; 1 = plain shuffle: 57% padding here)
     lr: float = 1e-3  # peak learning rate (SPEC 3: 1e-4 for LoRA on Vicuna; 2e-3 stalled on the prior here)
     warmup: int = 50  # linear warm-up steps, then cosine decay to 10% of lr
     grad_clip: float = 1.0  # max global gradient norm
@@ -115,7 +115,8 @@ def curriculum(answer_lens, text_only, long_answer_tokens, epochs_text, epochs_s
             after short ones (measured: short-answer accuracy fell to 0).
     With `lengths` (tokens per example), each window of `group` batches of an epoch is sorted by length
     before it is cut, and the epoch's batches are shuffled: a batch pads to its longest example, and a
-    packed 180-token clip beside 40-token text records is mostly padding. Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
+    packed 180-token clip beside 40-token text records is mostly padding.
+    Fixed by the seed, so a resumed run replays exactly the same order. -> [(stage, [i, ...]), ...]"""
     g = random.Random(seed)
     text = [i for i, t in enumerate(text_only) if t]
     short = [i for i, n in enumerate(answer_lens) if n <= long_answer_tokens and not text_only[i]]
