@@ -8,9 +8,12 @@ With --benchmark, the models also answer the Video-ChatGPT benchmark (correctnes
 consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SPEC 4), scored by a judge: `rule`
 (deterministic matching: a proxy, not GPT), `hf:PATH` (local Hugging Face causal LM) or `openai:URL` (OpenAI-compatible
 chat endpoint). Numbers compare only under one judge (SPEC 5): results.json records it and refuses to mix judges.
+With --rm, each model also answers by the best of 6 of its samples by that reward model (rows <name>_bo6 and
+<name>_bo6_logp): a measurement of how far the RM could lift the policy (README).
 
     python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
     python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
+    python eval.py --models sft=runs/tiny/sft/model --rm runs/tiny/rm/model --out runs/tiny/eval_bo6
 
 Writes results.json (merged with any earlier run in --out), predictions_<name>.jsonl, config.json and, with
 --benchmark, benchmark_<name>.jsonl (every judged item with the judge's replies).
@@ -30,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import gather, init_distributed, load_pretrained
+from model import gather, init_distributed, load_config, load_pretrained
 
 
 @dataclass
@@ -44,6 +47,8 @@ class Args:
     batch_size: int = 32  # prompts generated together (left-padded)
     limit: int = 0  # evaluate only the first N records of --data and of each benchmark file (0: all)
     seed: int = 0  # sampling generator seed; irrelevant when greedy
+    rm: str = ""  # MEASUREMENT of an RM: each model also answers by the best of --best_of samples by it (README)
+    best_of: int = 6  # samples per question with --rm, at temperature 1 as PPO samples
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     benchmark: str = ""  # folder with generic_qa / temporal_qa / consistency_qa / zeroshot_qa .json ("" = skip)
     videos: str = ""  # folder holding the benchmark's video_name files ("" = <benchmark>/../videos)
@@ -338,12 +343,14 @@ def bench_table(bench):
 
 # ----------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate_answers(name, path, records, args):
+def generate_answers(name, path, records, args, temperature=None):
+    """Each record's last question answered by the checkpoint at `path` -> (answers, log pi of each answer)."""
     model = load_pretrained(path, kind="policy").to(args.device).eval()
     tok, cfg = data.load_tokenizer(path), model.cfg
     data.check_tokenizer(tok, cfg, path)
     generator = torch.Generator(args.device).manual_seed(args.seed)  # same stream for every model
-    answers, decoded = [], {}  # decoded: video path -> frames
+    decoded = data.load_videos(records, cfg.num_frames, cfg.vision.image_size, args.data or args.benchmark)
+    answers, logps = [], []
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
         batch = records[i:i + args.batch_size]
         # earlier turns (if any) are context; the last question is asked, its answer is the truth
@@ -351,16 +358,38 @@ def generate_answers(name, path, records, args):
                    for r in batch]
         ids = data.pad(prompts, cfg.pad_token_id, left=True)  # left: generation continues every row (SPEC 5)
         mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: correct whatever ids hold
-        for r in batch:  # several questions share a video: decode each once
-            if r["video"] not in decoded:
-                decoded[r["video"]] = data.load_video(r["video"], cfg.num_frames, cfg.vision.image_size)
-        videos = torch.stack([decoded[r["video"]] for r in batch])
-        resp, _ = model.generate(ids.to(args.device), mask.to(args.device), videos.to(args.device),
-                                 args.max_new_tokens, args.temperature, generator=generator)
+        videos = torch.stack([decoded[str(r["video"])] for r in batch])  # several questions share a video
+        resp, logp = model.generate(ids.to(args.device), mask.to(args.device), videos.to(args.device),
+                                    args.max_new_tokens, args.temperature if temperature is None else temperature,
+                                    generator=generator)
+        logps += logp.sum(1).tolist()  # generate gives 0 after EOS
         for row in resp.tolist():
             n = row.index(cfg.eos_token_id) if cfg.eos_token_id in row else len(row)
             answers.append(tok.decode(row[:n], skip_special_tokens=True).strip())
-    return answers
+    return answers, logps
+
+
+@torch.no_grad()
+def best_of_n(name, path, records, args):
+    """MEASUREMENT of the RM at --rm (README): each question sampled --best_of times at temperature 1, and the
+    sample kept that the RM scores highest, alone and plus log pi(answer). The second is the most likely answer
+    of PPO's KL-regularised optimum at kl_coef 1, pi(y) exp(r(y)): about how far PPO could move the policy."""
+    n, reps = args.best_of, [r for r in records for _ in range(args.best_of)]
+    samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0)
+    rm, tok = load_pretrained(args.rm, kind="reward").to(args.device).eval(), data.load_tokenizer(args.rm)
+    scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data)
+    for i in range(0, len(reps), args.batch_size):
+        batch = list(zip(reps[i:i + args.batch_size], samples[i:i + args.batch_size]))
+        # the RM's input as train_rm builds it: the conversation with the answer, then the evaluation request
+        seqs = [data.encode(tok, r["turns"][:-1] + [(r["turns"][-1][0], a), (data.RM_PROMPT, None)],
+                            rm.cfg.n_video_tokens, system=rm.cfg.system)[0] for r, a in batch]
+        ids, mask = data.pad(seqs, rm.cfg.pad_token_id, left=True), data.pad([[1] * len(q) for q in seqs], 0, left=True)
+        videos = torch.stack([decoded[str(r["video"])] for r, _ in batch])
+        scores += rm.reward(ids.to(args.device), mask.to(args.device), videos.to(args.device)).tolist()
+    extra = load_config(args.rm)[1]
+    r = ((torch.tensor(scores) - extra["score_mean"]) / extra["score_std"]).view(-1, n)  # as ppo.py normalises
+    pick = lambda s: [samples[i * n + j] for i, j in enumerate(s.argmax(1).tolist())]
+    return {f"{name}_bo{n}": pick(r), f"{name}_bo{n}_logp": pick(r + torch.tensor(logps).view(-1, n))}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -401,8 +430,10 @@ def main(args):
     for name, path in named.items() if records else ():
         t0 = time.time()
         share = records[rank * len(records) // world:(rank + 1) * len(records) // world]
-        answers[name] = gather(generate_answers(name, path, share, args))  # every rank's, in order
+        answers[name] = gather(generate_answers(name, path, share, args)[0])  # every rank's, in order
         print(f"{name}: {len(records)} answers in {time.time() - t0:.0f}s from {path}")
+        if args.rm:  # rows that measure the RM, not the model: <name>_bo6, <name>_bo6_logp (README)
+            answers |= {k: gather(v) for k, v in best_of_n(name, path, share, args).items()}
     if rank > 0:
         return None  # scoring and files are rank 0's
 
@@ -432,7 +463,7 @@ def main(args):
               f"judge {judge_name}")
         recs = [{"video": v, "turns": [(f"{data.VIDEO}\n{q}", "")]} for v, q in questions]
         bench_answers = {"prior": [prior.get(t, "") for t in questions.values()]} if prior else {}
-        bench_answers |= {name: generate_answers(name, path, recs, args) for name, path in named.items()}
+        bench_answers |= {name: generate_answers(name, path, recs, args)[0] for name, path in named.items()}
         for name, ans in bench_answers.items():
             rows = []
             for it in tqdm(items, desc=f"judge {name}"):

@@ -7,6 +7,7 @@ import torch
 import data
 from conftest import tiny_world
 import eval as ev
+import model as M
 from model import VideoLLM
 
 torch.set_num_threads(1)  # tiny tensors: threads only add sync overhead
@@ -128,7 +129,7 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
 
     def fake_generate(self, ids, mask, videos, max_new_tokens, temperature, generator=None):
         assert bool(mask[:, -1].all()) and videos.shape[0] == ids.shape[0]  # left-padded, one video per row
-        return torch.tensor([reply] * ids.shape[0]), None
+        return torch.tensor([reply] * ids.shape[0]), torch.zeros(ids.shape[0], len(reply))
 
     monkeypatch.setattr(VideoLLM, "generate", fake_generate)
     shapes = world / "shapes"
@@ -138,6 +139,36 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
     assert {p["prediction"] for p in preds} == {"green"}
     assert all(p["score"] == float(p["truth"] == "green") for p in preds if p["type"] != "describe")
     assert sum(p["score"] for p in preds) >= 1
+
+
+def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
+    """Samples cycle through red, green, blue with log pi -3, -2, -0.5; the RM scores green 1 and the others 0:
+    the bo rows keep green; with log pi added (-3, -1, -0.5) they keep blue."""
+    tok = data.load_tokenizer(str(world / "sft"))
+    words = [tok(" " + w, add_special_tokens=False).input_ids for w in ("red", "green", "blue")]
+    width = max(map(len, words)) + 1
+
+    def fake_generate(self, ids, mask, videos, max_new_tokens, temperature, generator=None):
+        rows = [words[i % 3] + [tok.eos_token_id] * (width - len(words[i % 3])) for i in range(ids.shape[0])]
+        logp = torch.zeros(ids.shape[0], width)
+        logp[:, 0] = torch.tensor([(-3.0, -2.0, -0.5)[i % 3] for i in range(ids.shape[0])])
+        return torch.tensor(rows), logp
+
+    def fake_reward(self, ids, mask, videos=None):  # 1 where the answer (the first assistant turn) is green
+        answer = lambda row: tok.decode(row, skip_special_tokens=True).split("ASSISTANT:")[1].split("USER:")[0]
+        return torch.tensor([float(answer(row).strip() == "green") for row in ids.tolist()])
+
+    rm_dir = world / "rm_bo"
+    M.save_checkpoint(M.load_pretrained(str(world / "sft"), new_head="reward"), tok, str(rm_dir),
+                      extra_config={"stage": "rm", "score_mean": 0.0, "score_std": 1.0})
+    monkeypatch.setattr(VideoLLM, "generate", fake_generate)
+    monkeypatch.setattr(VideoLLM, "reward", fake_reward)
+    shapes, out = world / "shapes", world / "bo"
+    res = ev.main(ev.Args(models=[f"c={world / 'sft'}"], data=str(shapes / "eval.jsonl"), prior_data="", out=str(out),
+                          rm=str(rm_dir), best_of=3, batch_size=6, limit=5, device="cpu"))
+    assert list(res["models"]) == ["c", "c_bo3", "c_bo3_logp"]
+    pred = lambda name: {json.loads(line)["prediction"] for line in (out / f"predictions_{name}.jsonl").open()}
+    assert pred("c_bo3") == {"green"} and pred("c_bo3_logp") == {"blue"}
 
 
 def test_table_is_fixed_width_in_qtypes_order():
@@ -223,8 +254,8 @@ def truthful_answers(world, monkeypatch):
         for r in data.read_benchmark(bench / file):
             for q in [r.get("Q"), r.get("Q1"), r.get("Q2"), r.get("question")]:
                 truth[str(world / "shapes" / "videos" / r["video_name"]), q] = r.get("A", r.get("answer"))
-    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: [
-        truth[r["video"], r["turns"][-1][0].replace(f"{data.VIDEO}\n", "")] for r in recs])
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: (
+        [truth[r["video"], r["turns"][-1][0].replace(f"{data.VIDEO}\n", "")] for r in recs], [0.0] * len(recs)))
 
 
 def test_benchmark_rule_judge_gives_full_marks_to_the_truth(world, monkeypatch):
