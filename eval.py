@@ -405,6 +405,8 @@ def main(args):
                          "name them with name=path")
     if not args.data and not args.benchmark:
         raise ValueError("nothing to evaluate: give --data, --benchmark or both")
+    if args.rm and load_config(args.rm)[0].kind != "reward":  # before any generation
+        raise ValueError(f"--rm {args.rm}: not a reward model (train_rm.py writes one)")
     settings = {"data": args.data, "prior_data": args.prior_data, "limit": args.limit,
                 "temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     judge_name, judge = make_judge(args) if args.benchmark else (None, None)  # a bad --judge fails here
