@@ -44,8 +44,9 @@ $(RUN)/rm/model/config.json: $(RUN)/prefs_$(CONTEXT)/summary.json
 $(RUN)/ppo/model/config.json: $(RUN)/rm/model/config.json
 	$(call timed,ppo,$(PY) ppo.py --out $(RUN)/ppo --resume true)
 
+# --rm adds best-of-6 rows per model (<name>_bo6, <name>_bo6_logp): how far the RM could lift each policy (README)
 $(RUN)/eval/results.json: $(RUN)/ppo/model/config.json
-	$(call timed,eval,$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --out $(RUN)/eval)
+	$(call timed,eval,$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --rm $(RUN)/rm/model --out $(RUN)/eval)
 
 # report.html and the run's headline numbers (models, judge_agreement, rm_accuracy, seconds) in results.json
 $(RUN)/results.json: $(RUN)/eval/results.json $(foreach c,none self gt,$(RUN)/prefs_$(c)/summary.json)

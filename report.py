@@ -208,9 +208,10 @@ def main(a: Args):
     print(f"report: wrote {a.out} ({len(shown)} samples, {len(names)} models)")
     if a.summary:  # the run's headline table, printed last by make reproduce
         types = [t for t in data.QTYPES if any(t in m["by_type"] for m in summary["models"].values())]
-        print(f"{'model':<8}" + "".join(f"{t:>10}" for t in types + ["overall"]))
+        w = max(len(n) for n in ["model", *summary["models"]])
+        print(f"{'model':<{w}}" + "".join(f"{t:>10}" for t in types + ["overall"]))
         for n, m in summary["models"].items():
-            print(f"{n:<8}" + "".join(f"{100 * v:>10.1f}" for v in [m["by_type"].get(t, 0) for t in types] + [m["accuracy"]]))
+            print(f"{n:<{w}}" + "".join(f"{100 * v:>10.1f}" for v in [m["by_type"].get(t, 0) for t in types] + [m["accuracy"]]))
         print("judge agreement with the oracle: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in summary["judge_agreement"].items()
                                                                if v is not None)
               + (f"; RM held-out accuracy {100 * summary['rm_accuracy']:.1f}%" if summary["rm_accuracy"] is not None else "")
