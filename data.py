@@ -260,10 +260,14 @@ RM_PROMPT = "Please evaluate the quality of your last response: is it accurate, 
 
 
 def rm_suffix(tok):
-    """Token ids that follow an answer's EOS in every reward-model input: a user turn asking for the
-    evaluation, then "ASSISTANT:". Equal to data.encode(tok, [(q, a), (RM_PROMPT, None)]) after the answer,
-    so text answers (train_rm) and sampled token answers (ppo) reach the RM in exactly one form (SPEC 5)."""
+    """Token ids after an answer's EOS in every RM input (rm_input's tail): text answers (train_rm, eval, report)
+    and sampled tokens (ppo) reach the RM in exactly one form (SPEC 5)."""
     return tok(f"USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids
+
+
+def rm_input(tok, question, answer, n_video_tokens, system=None):
+    """A reward-model input, scored at its last token (SPEC 3): video + question, answer + EOS, rm_suffix(tok)."""
+    return encode(tok, [(f"{VIDEO}\n{question}", answer), (RM_PROMPT, None)], n_video_tokens, system=system)[0]
 
 
 def encode(tok, turns, n_video_tokens, max_len=None, system=None):

@@ -380,9 +380,8 @@ def best_of_n(name, path, records, args):
     scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data)
     for i in range(0, len(reps), args.batch_size):
         batch = list(zip(reps[i:i + args.batch_size], samples[i:i + args.batch_size]))
-        # the RM's input as train_rm builds it: the conversation with the answer, then the evaluation request
-        seqs = [data.encode(tok, r["turns"][:-1] + [(r["turns"][-1][0], a), (data.RM_PROMPT, None)],
-                            rm.cfg.n_video_tokens, system=rm.cfg.system)[0] for r, a in batch]
+        seqs = [data.rm_input(tok, r["turns"][-1][0].replace(data.VIDEO, "").strip(), a, rm.cfg.n_video_tokens,
+                              rm.cfg.system) for r, a in batch]
         ids, mask = data.pad(seqs, rm.cfg.pad_token_id, left=True), data.pad([[1] * len(q) for q in seqs], 0, left=True)
         videos = torch.stack([decoded[str(r["video"])] for r, _ in batch])
         scores += rm.reward(ids.to(args.device), mask.to(args.device), videos.to(args.device)).tolist()

@@ -85,8 +85,7 @@ def rm_scores(path, questions, device):
         raise ValueError(f"{path}: config.json lacks the RM's score_mean / score_std (written by train_rm.py)")
     out = []
     for question, video, answers in questions:
-        seqs = [data.encode(tok, [(f"{data.VIDEO}\n{question}", a), (data.RM_PROMPT, None)], cfg.n_video_tokens,
-                            system=cfg.system)[0] for a in answers]
+        seqs = [data.rm_input(tok, question, a, cfg.n_video_tokens, cfg.system) for a in answers]
         ids, mask = data.pad(seqs, cfg.pad_token_id), data.pad([[1] * len(s) for s in seqs], 0)
         v = data.load_video(video, cfg.num_frames, cfg.vision.image_size)
         raw = rm.reward(ids.to(device), mask.to(device), v.expand(len(seqs), *v.shape).to(device)).float().cpu()

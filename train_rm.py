@@ -50,13 +50,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- pure pieces
-def rm_input(tok, question, answer, n_video_tokens, system=None):
-    """The RM reads the conversation then the evaluation request, scored at its last token (SPEC 3, 5):
-    = prompt ids + answer ids + EOS + data.rm_suffix(tok), the form ppo.py builds from sampled tokens."""
-    return data.encode(tok, [(f"{data.VIDEO}\n{question}", answer), (data.RM_PROMPT, None)], n_video_tokens,
-                       system=system)[0]
-
-
 def split_prompts(ids, holdout, max_holdout, seed):
     """Held-out prompt ids: a seeded shuffle of the distinct prompts, taken until min(ceil(holdout * pairs),
     max_holdout) pairs are held out. All pairs of one prompt fall on one side, so the held-out answers were
@@ -142,7 +135,7 @@ def main(a: Args):
     videos = data.load_videos(prefs, cfg.num_frames, cfg.vision.image_size, a.prefs)  # path -> (F, 3, H, W)
     pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
               "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
-              "seqs": [rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
+              "seqs": [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
                       for i in (1, 2)]}
              for r in prefs]
     oracle_file = Path(a.oracle or Path(a.prefs).parent / "oracle.jsonl")

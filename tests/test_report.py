@@ -109,7 +109,7 @@ def test_report_is_self_contained_and_complete(run):
     # the RM scores are the ones train_rm.py's own input and scoring give, normalised as ppo.py does
     tok, rm = data.load_tokenizer(str(run / "rm_sharp")), M.load_pretrained(str(run / "rm_sharp"), kind="reward")
     for s, rows in zip(shown, [answer_rows[i:i + 3] for i in range(0, 9, 3)]):
-        seqs = [train_rm.rm_input(tok, s["question"], preds[n][s["id"]]["prediction"], rm.cfg.n_video_tokens,
+        seqs = [data.rm_input(tok, s["question"], preds[n][s["id"]]["prediction"], rm.cfg.n_video_tokens,
                                   rm.cfg.system) for n in ("prior", "sft", "rlaif")]
         video = data.load_video(s["video"], rm.cfg.num_frames, rm.cfg.vision.image_size)
         with torch.no_grad():

@@ -57,7 +57,7 @@ def test_rm_input_is_conversation_eos_and_suffix(world):
     tok = data.load_tokenizer(str(world / "sft"))
     prompt, _ = data.encode(tok, [(f"{data.VIDEO}\nWhat colour is the circle?", None)], 7)
     answer = tok(" red", add_special_tokens=False).input_ids
-    assert rm.rm_input(tok, "What colour is the circle?", "red", 7) == \
+    assert data.rm_input(tok, "What colour is the circle?", "red", 7) == \
            prompt + answer + [tok.eos_token_id] + data.rm_suffix(tok)
 
 
@@ -79,7 +79,7 @@ def test_score_reads_last_real_token_whatever_the_padding(world):
     model = M.load_pretrained(str(world / "sft"), kind="policy", new_head="reward").eval()
     assert model.score_head.bias.item() == 0.0
     n = model.cfg.n_video_tokens
-    seqs = [rm.rm_input(tok, "How many objects are in the video?", a, n) for a in ("two", "The video shows one object.")]
+    seqs = [data.rm_input(tok, "How many objects are in the video?", a, n) for a in ("two", "The video shows one object.")]
     video = data.load_video(world / "shapes" / "videos" / "rl_00000.mp4", model.cfg.num_frames, 48)
     videos = torch.stack([video, video])
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
     assert cfg.kind == "reward" and extra["stage"] == "rm" and extra["prompt"] == "rm_suffix"
     assert extra["score_mean"] == s["score_mean"] and extra["score_std"] > 0
     model, tok = M.load_pretrained(path, kind="reward").eval(), data.load_tokenizer(path)
-    seqs = [rm.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens) for i in (1, 2) for r in train]
+    seqs = [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens) for i in (1, 2) for r in train]
     videos = torch.stack([data.load_video(r["video"], cfg.num_frames, 48) for _ in (1, 2) for r in train])
     with torch.no_grad():
         z = (rm.scores(model, seqs, videos, tok.pad_token_id) - extra["score_mean"]) / extra["score_std"]
