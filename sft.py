@@ -1,6 +1,6 @@
 """Stage 1: supervised fine-tuning of the video LMM with the paper's curriculum (SPEC 3).
 
-Trains on LLaVA-style conversations (video QA and, for the built-in world, its text-only corpus) with the
+Trains on LLaVA-style conversations (video QA and, for the built-in world, its text-only corpus and captions) with the
 loss on assistant tokens only: first every short-answer example, then every long-answer one
 (difficulty = answer length). Writes a checkpoint folder that every later stage starts from.
 
@@ -25,7 +25,8 @@ import model as M
 
 @dataclass
 class Args:
-    train: list = field(default_factory=lambda: ["data/shapes/sft.jsonl", "data/shapes/text.jsonl"])  # conversation files
+    train: list = field(default_factory=lambda: ["data/shapes/sft.jsonl", "data/shapes/text.jsonl",
+                                                 "data/shapes/captions.jsonl"])  # conversation files
     tokenizer: str = "data/shapes/tokenizer"  # HF tokenizer folder ("" = the one in the --init checkpoint)
     video_root: str = ""  # folder that video paths are relative to ("" = each data file's folder)
     out: str = "runs/tiny/sft"  # run folder: config.json, metrics.jsonl, model/ (the checkpoint)

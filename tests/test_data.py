@@ -16,12 +16,12 @@ import data
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(out), n_sft=6, n_rl=4, n_eval=4, n_text=40, vocab_size=400))
+    data.generate_world(data.WorldArgs(out=str(out), n_sft=6, n_rl=4, n_eval=4, n_text=40, n_captions=3, vocab_size=400))
     return out
 
 
 def test_world_is_deterministic(world, tmp_path):
-    data.generate_world(data.WorldArgs(out=str(tmp_path), n_sft=6, n_rl=4, n_eval=4, n_text=40, vocab_size=400))
+    data.generate_world(data.WorldArgs(out=str(tmp_path), n_sft=6, n_rl=4, n_eval=4, n_text=40, n_captions=3, vocab_size=400))
     for f in ["sft.jsonl", "rl.jsonl", "eval.jsonl", "text.jsonl", "truth/scenes.jsonl", "benchmark/generic_qa.json",
               "tokenizer/tokenizer.json"]:
         assert filecmp.cmp(world / f, tmp_path / f, shallow=False), f
@@ -44,6 +44,21 @@ def test_splits_keep_answers_apart(world):
             assert reply in re.findall(r"Answer [AB]: (.*)\n", user)
     for name in ("generic_qa", "temporal_qa", "consistency_qa", "zeroshot_qa"):
         assert data.read_benchmark(world / "benchmark" / f"{name}.json")
+
+
+def test_captions_are_new_clips_and_leave_every_other_split_unchanged(world, tmp_path):
+    data.generate_world(data.WorldArgs(out=str(tmp_path), n_sft=6, n_rl=4, n_eval=4, n_text=40, n_captions=0, vocab_size=400))
+    for f in ["sft.jsonl", "rl.jsonl", "eval.jsonl", "text.jsonl", "truth/scenes.jsonl", "tokenizer/tokenizer.json"]:
+        assert filecmp.cmp(world / f, tmp_path / f, shallow=False), f  # drawn last: nothing else moves
+    assert not (tmp_path / "captions.jsonl").read_text()
+    captions = data.read_conversations(world / "captions.jsonl")
+    others = {r["video"] for s in ("sft", "eval") for r in data.read_conversations(world / f"{s}.jsonl")}
+    others |= {str(world / r["video"]) for _, r in data.read_records(world / "rl.jsonl")}
+    assert len(captions) == 3 and not {r["video"] for r in captions} & others
+    for r in captions:  # one describe turn whose answer is the clip's description, and a readable clip
+        (question, answer), = r["turns"]
+        assert question == f"{data.VIDEO}\n{data.QUESTIONS['describe'][0]}" and data.description_slots(answer)
+        assert data.load_video(r["video"]).shape == (8, 3, 32, 32)
 
 
 def test_sft_packs_a_clips_short_questions_into_one_conversation(world):

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    data.generate_world(data.WorldArgs(out=str(out), n_sft=4, n_rl=2, n_eval=2, n_text=20, vocab_size=300))
+    data.generate_world(data.WorldArgs(out=str(out), n_sft=4, n_rl=2, n_eval=2, n_text=20, n_captions=2, vocab_size=300))
     return out
 
 
