@@ -540,7 +540,7 @@ class WorldArgs:
     n_rl: int = 1200  # videos with questions and descriptions, no answers (the RLAIF prompts)
     n_eval: int = 300  # held-out videos with answers
     n_text: int = 4000  # scenes never rendered: the text-only corpus (language and judging skills)
-    n_captions: int = 3000  # clips with only their description: captioning data that trains perception (README)
+    n_captions: int = 3000  # clips with only their description: the stand-in for the paper's caption pre-training (README)
     size: int = 48  # frame width and height, pixels (48: room for 3 moving objects that never touch)
     min_frames: int = 8
     max_frames: int = 16
@@ -628,14 +628,11 @@ def generate_world(a: WorldArgs):
         rows["text"].append(_conv(f"{scene.id}-read", None, [(f"Description of the video: {ctx}\n{q}", ans)],
                                   type=f"read_{t}"))
         rows["text"].append(_judge_example(f"{scene.id}-judge", rng, rng.choice(qa), ctx, None))
-    # drawn last, so the splits above do not depend on n_captions; the stand-in for the caption data the paper's
-    # vision tower and projector were pre-trained on (CLIP, LLaVA): the RM cannot see better than SFT without it
-    for i in range(a.n_captions):
+    for i in range(a.n_captions):  # drawn last: no split above depends on n_captions (tested)
         scene = sample_scene(rng, f"caption_{i:05d}", a.size, frames)
-        video = f"videos/{scene.id}.mp4"
-        write_video(out / video, render(scene))
-        rows["captions"].append(_conv(f"{scene.id}-describe", video, [(QUESTIONS["describe"][0], describe(scene))],
-                                      type="describe"))
+        write_video(out / f"videos/{scene.id}.mp4", render(scene))
+        rows["captions"].append(_conv(f"{scene.id}-describe", f"videos/{scene.id}.mp4",
+                                      [(QUESTIONS["describe"][0], describe(scene))], type="describe"))
     for k, v in rows.items():  # the scenes and the rl answers are the truth, kept apart from the splits
         write_jsonl(out / ("truth" if k in ("scenes", "rl_answers") else "") / f"{k}.jsonl", v)
     for k, v in bench.items():
