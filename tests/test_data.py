@@ -22,7 +22,7 @@ def world(tmp_path_factory):
 
 def test_world_is_deterministic(world, tmp_path):
     data.generate_world(data.WorldArgs(out=str(tmp_path), n_sft=6, n_rl=4, n_eval=4, n_text=40, n_captions=3, vocab_size=400))
-    for f in ["sft.jsonl", "rl.jsonl", "eval.jsonl", "text.jsonl", "truth/scenes.jsonl", "benchmark/generic_qa.json",
+    for f in ["sft.jsonl", "rl.jsonl", "eval.jsonl", "text.jsonl", "captions.jsonl", "truth/scenes.jsonl", "benchmark/generic_qa.json",
               "tokenizer/tokenizer.json"]:
         assert filecmp.cmp(world / f, tmp_path / f, shallow=False), f
     a = data.load_video(world / "videos/sft_00000.mp4")
