@@ -44,7 +44,7 @@ $(RUN)/rm/model/config.json: $(RUN)/prefs_$(CONTEXT)/summary.json
 $(RUN)/ppo/model/config.json: $(RUN)/rm/model/config.json
 	$(call timed,ppo,$(PY) ppo.py --out $(RUN)/ppo --resume true)
 
-# --rm adds best-of-6 rows per model (<name>_bo6, <name>_bo6_logp): how far the RM could lift each policy (README)
+# --rm adds best-of-6 rows per model (<name>_bo6, _bo6_logp; _bo6_pi without the RM): how far the RM could lift each policy (README)
 $(RUN)/eval/results.json: $(RUN)/ppo/model/config.json
 	$(call timed,eval,$(PY) eval.py --models sft=$(RUN)/sft/model rlaif=$(RUN)/ppo/model --rm $(RUN)/rm/model --out $(RUN)/eval)
 

@@ -9,7 +9,8 @@ consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SP
 (deterministic matching: a proxy, not GPT), `hf:PATH` (local Hugging Face causal LM) or `openai:URL` (OpenAI-compatible
 chat endpoint). Numbers compare only under one judge (SPEC 5): results.json records it and refuses to mix judges.
 With --rm, each model also answers by the best of 6 of its samples by that reward model (rows <name>_bo6 and
-<name>_bo6_logp): a measurement of how far the RM could lift the policy (README).
+<name>_bo6_logp), and by its own likelihood alone (<name>_bo6_pi, the baseline): a measurement of how far the RM
+could lift the policy (README).
 
     python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
     python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
@@ -372,8 +373,10 @@ def generate_answers(name, path, records, args, temperature=None):
 @torch.no_grad()
 def best_of_n(name, path, records, args):
     """MEASUREMENT of the RM at --rm (README): each question sampled --best_of times at temperature 1, and the
-    sample kept that the RM scores highest, alone and plus log pi(answer). The second is the most likely answer
-    of PPO's KL-regularised optimum at kl_coef 1, pi(y) exp(r(y)): about how far PPO could move the policy."""
+    sample kept that the RM scores highest, alone (_bo) and plus log pi(answer) (_bo_logp), or by log pi alone
+    (_bo_pi: the same samples without the RM). _bo_logp is the most likely answer of PPO's KL-regularised optimum
+    at kl_coef 1, pi(y) exp(r(y)): about how far PPO could move the policy; it beats _bo_pi only if the RM knows
+    something the policy's likelihood does not."""
     n, reps = args.best_of, [r for r in records for _ in range(args.best_of)]
     samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0)
     rm, tok = load_pretrained(args.rm, kind="reward").to(args.device).eval(), data.load_tokenizer(args.rm)
@@ -388,7 +391,8 @@ def best_of_n(name, path, records, args):
     extra = load_config(args.rm)[1]
     r = ((torch.tensor(scores) - extra["score_mean"]) / extra["score_std"]).view(-1, n)  # as ppo.py normalises
     pick = lambda s: [samples[i * n + j] for i, j in enumerate(s.argmax(1).tolist())]
-    return {f"{name}_bo{n}": pick(r), f"{name}_bo{n}_logp": pick(r + torch.tensor(logps).view(-1, n))}
+    logp = torch.tensor(logps).view(-1, n)
+    return {f"{name}_bo{n}": pick(r), f"{name}_bo{n}_logp": pick(r + logp), f"{name}_bo{n}_pi": pick(logp)}
 
 
 # ----------------------------------------------------------------------------- the stage

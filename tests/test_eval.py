@@ -142,8 +142,8 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
 
 
 def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
-    """Samples cycle through red, green, blue with log pi -3, -2, -0.5; the RM scores green 1 and the others 0:
-    the bo rows keep green; with log pi added (-3, -1, -0.5) they keep blue."""
+    """Samples cycle through red, green, blue with log pi -3, -1.2, -0.5 and RM scores 2.5, 1, 0: the bo rows
+    keep red (the RM's best), the logp rows green (sums -0.5, -0.2, -0.5), the pi rows blue (log pi's best)."""
     tok = data.load_tokenizer(str(world / "sft"))
     words = [tok(" " + w, add_special_tokens=False).input_ids for w in ("red", "green", "blue")]
     width = max(map(len, words)) + 1
@@ -151,12 +151,12 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     def fake_generate(self, ids, mask, videos, max_new_tokens, temperature, generator=None):
         rows = [words[i % 3] + [tok.eos_token_id] * (width - len(words[i % 3])) for i in range(ids.shape[0])]
         logp = torch.zeros(ids.shape[0], width)
-        logp[:, 0] = torch.tensor([(-3.0, -2.0, -0.5)[i % 3] for i in range(ids.shape[0])])
+        logp[:, 0] = torch.tensor([(-3.0, -1.2, -0.5)[i % 3] for i in range(ids.shape[0])])
         return torch.tensor(rows), logp
 
-    def fake_reward(self, ids, mask, videos=None):  # 1 where the answer (the first assistant turn) is green
+    def fake_reward(self, ids, mask, videos=None):  # by the answer (the first assistant turn)
         answer = lambda row: tok.decode(row, skip_special_tokens=True).split("ASSISTANT:")[1].split("USER:")[0]
-        return torch.tensor([float(answer(row).strip() == "green") for row in ids.tolist()])
+        return torch.tensor([{"red": 2.5, "green": 1.0, "blue": 0.0}[answer(row).strip()] for row in ids.tolist()])
 
     rm_dir = world / "rm_bo"
     M.save_checkpoint(M.load_pretrained(str(world / "sft"), new_head="reward"), tok, str(rm_dir),
@@ -166,9 +166,9 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     shapes, out = world / "shapes", world / "bo"
     res = ev.main(ev.Args(models=[f"c={world / 'sft'}"], data=str(shapes / "eval.jsonl"), prior_data="", out=str(out),
                           rm=str(rm_dir), best_of=3, batch_size=6, limit=5, device="cpu"))
-    assert list(res["models"]) == ["c", "c_bo3", "c_bo3_logp"]
+    assert list(res["models"]) == ["c", "c_bo3", "c_bo3_logp", "c_bo3_pi"]
     pred = lambda name: {json.loads(line)["prediction"] for line in (out / f"predictions_{name}.jsonl").open()}
-    assert pred("c_bo3") == {"green"} and pred("c_bo3_logp") == {"blue"}
+    assert pred("c_bo3") == {"red"} and pred("c_bo3_logp") == {"green"} and pred("c_bo3_pi") == {"blue"}
 
 
 def test_table_is_fixed_width_in_qtypes_order():
