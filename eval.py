@@ -373,10 +373,9 @@ def generate_answers(name, path, records, args, temperature=None):
 @torch.no_grad()
 def best_of_n(name, path, records, args):
     """MEASUREMENT of the RM at --rm (README): each question sampled --best_of times at temperature 1, and the
-    sample kept that the RM scores highest, alone (_bo) and plus log pi(answer) (_bo_logp), or by log pi alone
-    (_bo_pi: the same samples without the RM). _bo_logp is the most likely answer of PPO's KL-regularised optimum
-    at kl_coef 1, pi(y) exp(r(y)): about how far PPO could move the policy; it beats _bo_pi only if the RM knows
-    something the policy's likelihood does not."""
+    sample kept with the highest RM score (_bo), RM + log pi(answer) (_bo_logp: the most likely answer of PPO's
+    KL-regularised optimum at kl_coef 1, pi(y) exp(r(y))), or log pi alone (_bo_pi: the baseline; the RM knows
+    something the policy's likelihood does not only where _bo_logp beats it)."""
     n, reps = args.best_of, [r for r in records for _ in range(args.best_of)]
     samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0)
     rm, tok = load_pretrained(args.rm, kind="reward").to(args.device).eval(), data.load_tokenizer(args.rm)
