@@ -7,8 +7,8 @@ import model as M
 
 def tiny_world(root, n_sft=4, n_rl=3, n_eval=2, vocab_size=400):
     """Writes root/shapes (the world) and root/sft (a random tiny policy + the world's tokenizer); -> tokenizer."""
-    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=n_sft, n_rl=n_rl, n_eval=n_eval, n_text=20, n_captions=2,
-                                       vocab_size=vocab_size))
+    data.generate_world(data.WorldArgs(out=str(root / "shapes"), n_sft=n_sft, n_rl=n_rl, n_eval=n_eval, n_text=20,
+                                       n_captions=2, vocab_size=vocab_size))
     tok = data.load_tokenizer(str(root / "shapes" / "tokenizer"))
     torch.manual_seed(0)
     cfg = M.VLMConfig(vision=M.VisionConfig(image_size=48, patch_size=12, hidden_size=32, num_layers=2, num_heads=4,
