@@ -688,6 +688,8 @@ def start_run(out, args, resume):
             raise ValueError(f"{out}: the run there used other arguments {diff} (old, new); resume with the same "
                              "ones or use another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # a fresh run: an earlier run's resume point here must never be continued by a later --resume
+        (out / "resume.pt").unlink(missing_ok=True)
     write_atomic(out / "config.json", json.dumps(asdict(args), indent=1))
 
 

@@ -200,9 +200,9 @@ def main(a: Args):
     # are what an interrupted batch left behind and are dropped, then that batch runs again from its seed
     batches = [prompts[i:i + a.batch_size] for i in range(0, len(prompts), a.batch_size)]
     done = {m["batch"] for m in data.read_log(files["metrics"])} if a.resume else set()
-    kept_ids = {p["id"] for b in done for p in batches[b]}
     if rank == 0:  # the inputs are good (videos are checked to exist): write the run folder
-        data.start_run(out, a, a.resume)
+        data.start_run(out, a, a.resume)  # first: a resume with another --batch_size or --limit fails here, cleanly
+        kept_ids = {p["id"] for b in done for p in batches[b]}
         for name, path in files.items():
             keep = (lambda r: r["batch"] in done) if name == "metrics" else (lambda r: r["id"] in kept_ids)
             data.trim_log(path, keep)

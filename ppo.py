@@ -57,7 +57,7 @@ class Args:
     target_approx_kl: float = 0.0  # > 0: end an iteration's optimisation once a minibatch's approx KL exceeds it
     lora_r: int = 0  # 0 = train every weight; > 0: LoRA on policy and value, reference = adapters off (SPEC 3)
     lora_alpha: float = 32.0  # LoRA scaling numerator
-    bf16: bool = False  # GPU path: bf16 autocast; frozen weights (RM, reference, LoRA bases) stored in bf16
+    bf16: bool = False  # GPU path: bf16 autocast; frozen weights (RM, LoRA bases) in bf16; a full FT's reference: fp32
     grad_ckpt: bool = False  # gradient checkpointing of policy and value: recompute each LLM layer in backward
     sample_every: int = 5  # iterations between sample answers (printed and appended to samples.jsonl)
     n_samples: int = 3  # sample answers shown each time
@@ -138,7 +138,9 @@ def gae(rewards, values, mask, gamma, lam):  # (B, N) each -> advantages (B, N),
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):  # (B, N) each -> loss, stats
     """PPO's clipped surrogate (Schulman et al. 2017), averaged over answer tokens."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, N)
+    # masked before exp: after EOS both logprobs are PAD's (~ -1e9 / T, model.logits bans it), whose float32
+    # difference can be +-64 or +-128 from rounding alone; exp(128) = inf, and inf * a zero advantage = NaN
+    ratio = torch.exp((logprobs - old_logprobs) * mask)  # (B, N)
     losses = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
     loss = masked_mean(torch.maximum(losses, clipped), mask)
@@ -276,6 +278,8 @@ def main(a: Args):
     rank, world, device = M.init_distributed()  # torchrun: each rank samples and trains on a share of each rollout
     if a.rollout_batch % world or a.minibatch % world:
         raise ValueError(f"--rollout_batch and --minibatch must divide by the {world} ranks")
+    if a.temperature <= 0:
+        raise ValueError(f"--temperature {a.temperature}: PPO samples, and its logprobs divide by it (SPEC 3: 1.0)")
     tok = data.load_tokenizer(a.sft)
 
     # the four models (SPEC 3); none has dropout (model.py), eval() is for the record
@@ -287,10 +291,10 @@ def main(a: Args):
         raise ValueError(f"{a.rm}: config.json lacks the RM's score_mean / score_std (written by train_rm.py)")
     score_mean, score_std = extra["score_mean"], extra["score_std"]  # of the RM's scores on its training data
     same = lambda c: (c.num_frames, c.vision.image_size, c.n_video_tokens, c.video_token_id, c.pad_token_id,
-                      c.eos_token_id)  # the four models read the same videos and token ids
+                      c.eos_token_id, c.system)  # the four models read the same videos, tokens and template
     data.check_tokenizer(tok, policy.cfg, a.sft)
     if same(reward_model.cfg) != same(policy.cfg):
-        raise ValueError(f"{a.sft} and {a.rm} disagree on frames, video tokens or special tokens")
+        raise ValueError(f"{a.sft} and {a.rm} disagree on frames, video tokens, special tokens or system line")
     if a.lora_r:
         ref = None  # the policy with its adapters off
         M.add_lora(policy, a.lora_r, a.lora_alpha)
@@ -299,7 +303,10 @@ def main(a: Args):
         ref = M.load_pretrained(a.sft, kind="policy").requires_grad_(False).to(device).eval()
     for m in filter(None, (policy, reward_model, value_model, ref)):
         M.broadcast_parameters(m.to(device).eval())
-        _, autocast = M.for_training(m, device, a.bf16, grad_ckpt=a.grad_ckpt)  # bf16: frozen weights in bf16
+        # bf16: frozen weights stored in bf16, except a full fine-tune's reference: rounded, it would differ from
+        # the fp32 policy before any update (KL > 0 at iteration 1: a penalty that grows with answer length)
+        M.for_training(m, device, a.bf16 and m is not ref, grad_ckpt=a.grad_ckpt)
+    autocast = lambda: torch.autocast(torch.device(device).type, torch.bfloat16, enabled=a.bf16)
     cfg = policy.cfg
 
     # the prompts: every query tokenized once, every video decoded once (bad input fails before any output)

@@ -28,7 +28,7 @@ import model as M
 @dataclass
 class Args:
     prefs: str = "runs/tiny/prefs_gt/prefs.jsonl"  # preference pairs (ours or the reference's layout, SPEC 4)
-    video_root: str = "data/shapes"  # the folder the prefs' video paths are relative to: the world (= rl.jsonl's folder)
+    video_root: str = ""  # folder the prefs' video paths are relative to ("" = that of the prompts make_prefs read)
     sft: str = "runs/tiny/sft/model"  # SFT checkpoint the RM starts from (SPEC 3), and its tokenizer
     out: str = "runs/tiny/rm"  # run folder: config.json, metrics.jsonl, summary.json, model/
     oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
@@ -125,8 +125,12 @@ def main(a: Args):
     # no torch.compile here: model.reward() calls forward() itself, so a compiled wrapper would not be used
     _, autocast = M.for_training(model, a.device, a.bf16, False, a.grad_ckpt)
 
-    # 1. read the AI preferences; videos are relative to --video_root (make_prefs keeps rl.jsonl's paths)
-    prefs = data.read_prefs(a.prefs, a.video_root or None)
+    # 1. read the AI preferences; make_prefs keeps rl.jsonl's video paths, so they are relative to its folder
+    # (named in the prefs run's config.json; a default like "data/shapes" would read another world's videos
+    # silently: every world names them videos/rl_00000.mp4, ...)
+    made_by = Path(a.prefs).parent / "config.json"
+    root = a.video_root or (str(Path(json.loads(made_by.read_text())["prompts"]).parent) if made_by.exists() else None)
+    prefs = data.read_prefs(a.prefs, root)
     if not prefs:
         raise ValueError(f"{a.prefs}: no preference pairs")
     if (bad := next((r for r in prefs if r.get("id") is None), None)) is not None:

@@ -270,3 +270,13 @@ def test_every_stage_cli_parses_and_has_help(stage, capsys):
     assert e.value.code == 0 and "--seed" in capsys.readouterr().out
     args = data.parse_args(module.Args, ["--seed", "3", "--resume", "true"] if stage != "eval" else ["--seed", "3"])
     assert args.seed == 3 and (stage == "eval" or args.resume is True)
+
+
+def test_a_fresh_run_drops_an_old_resume_point(tmp_path):
+    """Otherwise a new run that dies before its first save would, rerun with --resume, continue the OLD run."""
+    args = data.WorldArgs(out=str(tmp_path))
+    (tmp_path / "resume.pt").write_bytes(b"an earlier run's state")
+    data.start_run(tmp_path, args, resume=True)
+    assert (tmp_path / "resume.pt").exists()
+    data.start_run(tmp_path, args, resume=False)
+    assert not (tmp_path / "resume.pt").exists() and json.loads((tmp_path / "config.json").read_text())["out"] == str(tmp_path)

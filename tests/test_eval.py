@@ -142,8 +142,9 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
 
 
 def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
-    """Samples cycle through red, green, blue with log pi -3, -1.2, -0.5 and RM scores 2.5, 1, 0: the bo rows
-    keep red (the RM's best), the logp rows green (sums -0.5, -0.2, -0.5), the pi rows blue (log pi's best)."""
+    """Samples cycle through red, green, blue with log pi -3, -1.2, -0.5 and normalised RM scores 2.5, 1, 0 (raw
+    22.5, 15, 10 with the RM's mean 10 and std 5): the bo rows keep red (the RM's best), the logp rows green (sums
+    -0.5, -0.2, -0.5; red with raw scores), the pi rows blue (log pi's best)."""
     tok = data.load_tokenizer(str(world / "sft"))
     words = [tok(" " + w, add_special_tokens=False).input_ids for w in ("red", "green", "blue")]
     width = max(map(len, words)) + 1
@@ -156,11 +157,12 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
 
     def fake_reward(self, ids, mask, videos=None):  # by the answer (the first assistant turn)
         answer = lambda row: tok.decode(row, skip_special_tokens=True).split("ASSISTANT:")[1].split("USER:")[0]
-        return torch.tensor([{"red": 2.5, "green": 1.0, "blue": 0.0}[answer(row).strip()] for row in ids.tolist()])
+        normalised = {"red": 2.5, "green": 1.0, "blue": 0.0}
+        return torch.tensor([10 + 5 * normalised[answer(row).strip()] for row in ids.tolist()])
 
     rm_dir = world / "rm_bo"
     M.save_checkpoint(M.load_pretrained(str(world / "sft"), new_head="reward"), tok, str(rm_dir),
-                      extra_config={"stage": "rm", "score_mean": 0.0, "score_std": 1.0})
+                      extra_config={"stage": "rm", "score_mean": 10.0, "score_std": 5.0})
     monkeypatch.setattr(VideoLLM, "generate", fake_generate)
     monkeypatch.setattr(VideoLLM, "reward", fake_reward)
     shapes, out = world / "shapes", world / "bo"

@@ -173,6 +173,8 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
             f.write(json.dumps({"id": third, "pair": 0, "oracle": 1}) + "\n" + '{"id": "rl_')
     with pytest.raises(ValueError, match="other arguments.*temperature"):
         mp.main(args(world, cut, resume=True, temperature=0.5))
+    with pytest.raises(ValueError, match="other arguments.*batch_size"):  # not an IndexError on done batch 1
+        mp.main(args(world, cut, resume=True, batch_size=100))
     mp.main(args(world, cut, resume=True))
     for name in ("prefs.jsonl", "oracle.jsonl", "prefs_reference.json"):
         assert (cut / name).read_text() == (tmp_path / "full" / name).read_text(), name

@@ -104,6 +104,11 @@ def test_policy_and_value_losses_clip():
     assert loss.item() == pytest.approx((-1.2 - 1.1 + 0.8) / 3)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3)
     assert stats["approx_kl"].item() == pytest.approx(0.5 * (new[0, :3] ** 2).mean().item())
+    # after EOS both logprobs are PAD's (~ -1e9), whose float32 difference can be 128 from rounding alone
+    pad_new, pad_old, adv_0 = new.clone(), old.clone(), adv * mask  # whitened advantages are 0 there
+    pad_new[0, 3], pad_old[0, 3] = -1e9 + 128, -1e9
+    assert ppo.policy_loss(pad_new, pad_old, adv_0, mask, 0.2)[0].item() == pytest.approx(
+        ppo.policy_loss(new, old, adv_0, mask, 0.2)[0].item())  # not NaN (exp(128) = inf, inf * 0)
     loss, stats = ppo.policy_loss(old, old, adv, mask, 0.2)
     assert stats["clipfrac"] == 0 and stats["approx_kl"] == 0 and loss.item() == pytest.approx(-1 / 3)
 
@@ -145,6 +150,12 @@ def tiny_args(world, out, **kw):
                               save_every=1, sample_every=1, n_samples=2, lr=1e-3), **kw})
 
 
+def rollout_inputs(a, tok, n_video_tokens):  # the first 4 prompts: query token ids, videos (4, F, 3, H, W)
+    prompts = data.read_prompts(a.prompts)[:4]
+    query_ids = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], n_video_tokens)[0] for p in prompts]
+    return query_ids, torch.stack([data.load_video(p["video"], 4, 48) for p in prompts])
+
+
 def test_first_ppo_step_has_ratio_one(world, tmp_path):
     """Through the real functions: a rollout, its scores, rewards and advantages, then one PPO step. The
     policy that sampled is the policy being trained, so the ratio is 1, nothing is clipped, the KL is 0."""
@@ -152,10 +163,7 @@ def test_first_ppo_step_has_ratio_one(world, tmp_path):
     tok = data.load_tokenizer(a.sft)
     policy, ref = M.load_pretrained(a.sft, kind="policy"), M.load_pretrained(a.sft, kind="policy")
     rm, value_model = M.load_pretrained(a.rm, kind="reward"), M.load_pretrained(a.rm, kind="reward", new_head="value")
-    prompts = data.read_prompts(a.prompts)[:4]
-    query_ids = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], policy.cfg.n_video_tokens)[0]
-                 for p in prompts]
-    videos = torch.stack([data.load_video(p["video"], 4, 48) for p in prompts])
+    query_ids, videos = rollout_inputs(a, tok, policy.cfg.n_video_tokens)
     batch = ppo.rollout(policy, ref, value_model, query_ids, videos, a, torch.Generator().manual_seed(0))
     mask = batch["mask"]
     assert batch["sampler_logprob_gap"] < 1e-4  # generate's numbers == a full forward's
@@ -231,11 +239,46 @@ def test_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch
 
 
 def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
-    ppo.main(tiny_args(world, tmp_path, lora_r=4, iterations=1, target_kl=6.0, length_penalty=10.0))
-    m = read_jsonl(tmp_path / "metrics.jsonl")[0]
-    assert m["kl"] == 0 and m["kl_coef"] == ppo.Args().kl_coef  # LoRA B starts at 0: policy == reference
+    """With LoRA (ref None) the rollout's ref_logprobs are the base model's, however far the adapters moved."""
+    a = tiny_args(world, tmp_path)
+    base, policy = M.load_pretrained(a.sft, kind="policy"), M.load_pretrained(a.sft, kind="policy")
+    M.add_lora(policy, 4, 32.0)
+    for m in policy.modules():
+        if isinstance(m, M.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)  # adapters that have learned something: policy != base
+    value_model = M.load_pretrained(a.rm, kind="reward", new_head="value")
+    query_ids, videos = rollout_inputs(a, data.load_tokenizer(a.sft), base.cfg.n_video_tokens)
+    batch = ppo.rollout(policy, None, value_model, query_ids, videos, a, torch.Generator().manual_seed(0))
+    mask, n = batch["mask"].bool(), batch["responses"].shape[1]
+    with torch.no_grad():
+        hidden = ppo.answer_hidden(base, batch["input_ids"], batch["attention_mask"], videos, n)
+        base_logprobs = ppo.logprobs_from_logits(base.logits(hidden), batch["responses"])
+    assert torch.allclose(batch["ref_logprobs"][mask], base_logprobs[mask], atol=1e-5)
+    assert not torch.allclose(batch["logprobs"][mask], base_logprobs[mask], atol=1e-3)
+    assert all(m.enabled for m in policy.modules() if isinstance(m, M.LoRALinear))  # switched back on
+
+
+def test_lora_run_and_adaptive_kl_saves_a_plain_checkpoint(world, tmp_path):
+    a = ppo.Args()
+    ppo.main(tiny_args(world, tmp_path, lora_r=4, target_kl=6.0, length_penalty=10.0))
+    m = read_jsonl(tmp_path / "metrics.jsonl")
+    assert m[0]["kl"] == 0 and m[0]["kl_coef"] == a.kl_coef  # LoRA B starts at 0: policy == reference
+    # the controller saw KL 0 < 6 in iteration 1: the coefficient falls by the clipped 20% x 4 answers / horizon
+    assert m[1]["kl_coef"] == pytest.approx(a.kl_coef * (1 - 0.2 * 4 / a.kl_horizon), abs=1e-6)
     policy = M.load_pretrained(str(tmp_path / "model"), kind="policy")  # merged: a plain checkpoint
     assert not any("lora" in k for k in policy.state_dict())
+
+
+def test_bf16_full_fine_tune_starts_at_the_reference(world, tmp_path):
+    """The reference keeps the policy's fp32 weights under --bf16 (only frozen models are stored in bf16)."""
+    ppo.main(tiny_args(world, tmp_path, bf16=True, iterations=1))
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["kl"] == 0
+
+
+def test_rm_scores_are_normalised_with_the_rms_own_statistics(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "score", lambda rm, query_ids, *rest: torch.full((len(query_ids),), 4.5))
+    ppo.main(tiny_args(world, tmp_path, iterations=1))
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["rm_score"] == 2.0  # (4.5 - 0.5) / 2.0: the world RM's mean, std
 
 
 def test_reward_model_reads_what_it_was_trained_on(world):

@@ -93,6 +93,12 @@ def test_score_reads_last_real_token_whatever_the_padding(world):
 def test_video_root_must_match_the_prefs_paths(world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"prefs.jsonl:1: video .*rl_00000.mp4 not found \(video paths are relative to"):
         rm.main(args(world, tmp_path, video_root=str(tmp_path)))
+    # by default: the folder of the prompts make_prefs read, from its config.json beside the prefs
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    (prefs / "prefs.jsonl").write_text((world / "prefs" / "prefs.jsonl").read_text())
+    (prefs / "config.json").write_text(json.dumps({"prompts": str(world / "shapes" / "rl.jsonl")}))
+    assert rm.main(args(world, tmp_path / "out", prefs=str(prefs / "prefs.jsonl"), video_root="", epochs=1))["steps"]
 
 
 def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
