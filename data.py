@@ -225,14 +225,20 @@ def perturb(qtype, question, answer, rng):
     if qtype == "order":
         a, b = (f"the {c} {s}" for c, s in re.findall(_OBJ, question))
         return b if answer == a else a
-    if qtype == "describe":
-        edits = [(r"moves (\w+)|stays still", lambda m: rng.choice([f"moves {d}" for d in DIRECTIONS if d != "still"]
-                                                                   + ["stays still"])),
-                 (_OBJ, lambda m: f"{rng.choice(list(COLOURS))} {m.group(2)}"),
-                 (r"shows (\w+) object", lambda m: f"shows {rng.choice(NUMBERS[1:])} object")]
+    if qtype == "describe":  # one fact changed, in the world's own grammar: no slip that gives it away unread
+        obj, used = re.search(_OBJ, answer), [c for c, _ in re.findall(_OBJ, answer)]
         while True:
-            pattern, edit = rng.choice(edits)
-            wrong = re.sub(pattern, edit, answer, count=1)
+            kind = rng.choice(["motion", "colour", "count"])
+            if kind == "motion":
+                moves = [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]
+                wrong = re.sub(r"moves \w+|stays still", rng.choice(moves), answer, count=1)
+            elif kind == "colour":  # every mention of the object, and no colour another object has (as in the world)
+                c = rng.choice(list(COLOURS))
+                c = c if c == obj.group(1) or c not in used else next(x for x in COLOURS if x not in used)
+                wrong = answer.replace(obj.group(0), f"{c} {obj.group(2)}")
+            else:
+                n = rng.choice(NUMBERS[1:])
+                wrong = re.sub(r"shows \w+ objects?", f"shows {n} object{'s' * (n != 'one')}", answer, count=1)
             if wrong != answer:
                 return wrong
     pools = {"colour": list(COLOURS), "shape": SHAPES, "direction": list(DIRECTIONS), "count": NUMBERS[1:],

@@ -280,3 +280,18 @@ def test_a_fresh_run_drops_an_old_resume_point(tmp_path):
     assert (tmp_path / "resume.pt").exists()
     data.start_run(tmp_path, args, resume=False)
     assert not (tmp_path / "resume.pt").exists() and json.loads((tmp_path / "config.json").read_text())["out"] == str(tmp_path)
+
+
+def test_perturbed_descriptions_change_one_fact_in_the_worlds_grammar():
+    """The judge's training negatives: telling them apart must take reading the description. No "shows one
+    objects", no object that changes colour between sentences, no two objects of one colour (never in the world)."""
+    rng = random.Random(0)
+    for i in range(300):
+        truth = data.describe(data.sample_scene(rng, f"s{i}"))
+        wrong = data.perturb("describe", "Describe the video in detail.", truth, rng)
+        number, plural = re.search(r"shows (\w+) object(s?)\.", wrong).groups()
+        assert (number != "one") == bool(plural), wrong
+        named, was = set(re.findall(data._OBJ, wrong)), set(re.findall(data._OBJ, truth))
+        assert len(named) == len({c for c, _ in named}) == len({s for _, s in named}) == len(was), wrong
+        changed = {slot for slot, *_ in data.description_slots(truth) ^ data.description_slots(wrong)}
+        assert changed in ({"count"}, {"motion"}) or len(named - was) == 1, (truth, wrong)
