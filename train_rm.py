@@ -32,7 +32,7 @@ class Args:
     sft: str = "runs/tiny/sft/model"  # SFT checkpoint the RM starts from (SPEC 3), and its tokenizer
     out: str = "runs/tiny/rm"  # run folder: config.json, metrics.jsonl, summary.json, model/
     oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
-    holdout: float = 0.1  # held-out fraction of pairs, split by prompt; capped by max_holdout (smaller wins)
+    holdout: float = 0.1  # held-out fraction of pairs, split by video; capped by max_holdout (smaller wins)
     max_holdout: int = 500  # SPEC 3: 500 held out in the reference
     min_confidence: float = 0.8  # train on pairs the judge is this sure of (0.5 = all; >= 0.8: 86% right vs 76%, README)
     epochs: int = 2  # SPEC 3: 1 epoch on ~40k pairs; our set is small
@@ -50,19 +50,19 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- pure pieces
-def split_prompts(ids, holdout, max_holdout, seed):
-    """Held-out prompt ids: a seeded shuffle of the distinct prompts, taken until min(ceil(holdout * pairs),
-    max_holdout) pairs are held out. All pairs of one prompt fall on one side, so the held-out answers were
-    never seen in training."""
-    target = min(math.ceil(holdout * len(ids)), max_holdout)
-    counts, prompts = Counter(ids), sorted(set(ids))
-    random.Random(seed).shuffle(prompts)
+def split_videos(videos, holdout, max_holdout, seed):
+    """Held-out videos (one per pair in `videos`): a seeded shuffle of the distinct videos, taken until
+    min(ceil(holdout * pairs), max_holdout) pairs are held out. All pairs of one video fall on one side, so the
+    held-out pairs are about videos the RM never saw (each rl video has several questions)."""
+    target = min(math.ceil(holdout * len(videos)), max_holdout)
+    counts, distinct = Counter(videos), sorted(set(videos))
+    random.Random(seed).shuffle(distinct)
     held, n = set(), 0
-    for p in prompts:
+    for v in distinct:
         if n >= target:
             break
-        held.add(p)
-        n += counts[p]
+        held.add(v)
+        n += counts[v]
     return held
 
 
@@ -134,8 +134,8 @@ def main(a: Args):
     if not prefs:
         raise ValueError(f"{a.prefs}: no preference pairs")
     if (bad := next((r for r in prefs if r.get("id") is None), None)) is not None:
-        raise ValueError(f"{a.prefs}: a pair without 'id' (question {bad['question']!r}); the held-out split "
-                         "groups pairs by their prompt id")
+        raise ValueError(f"{a.prefs}: a pair without 'id' (question {bad['question']!r}); pairs are matched "
+                         "with the oracle and resumed by their prompt id")
     videos = data.load_videos(prefs, cfg.num_frames, cfg.vision.image_size, a.prefs)  # path -> (F, 3, H, W)
     pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
               "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
@@ -146,11 +146,11 @@ def main(a: Args):
     oracle = {(str(r["id"]), r["pair"]): r["oracle"] for _, r in data.read_records(oracle_file)} \
         if oracle_file.exists() else {}
 
-    # 2. held-out split by prompt, then the confidence filter on the training side only (so held-out numbers
+    # 2. held-out split by video, then the confidence filter on the training side only (so held-out numbers
     # are comparable across --min_confidence settings)
-    held = split_prompts([p["id"] for p in pairs], a.holdout, a.max_holdout, a.seed)
-    heldout = [p for p in pairs if p["id"] in held]
-    train_all = [p for p in pairs if p["id"] not in held]
+    held = split_videos([str(p["video"]) for p in pairs], a.holdout, a.max_holdout, a.seed)
+    heldout = [p for p in pairs if str(p["video"]) in held]
+    train_all = [p for p in pairs if str(p["video"]) not in held]
     train = [p for p in train_all if p["confidence"] >= a.min_confidence]
     if not train:
         raise ValueError(f"{a.prefs}: no training pairs left (min_confidence {a.min_confidence}, {len(heldout)} held out)")
