@@ -184,7 +184,7 @@ def main(a: Args):
                 "heldout_oracle_agreement": accuracy(r1[known], r2[known], truth) if known else None}
 
     print(f"train_rm: {len(train)} training pairs ({len(train_all) - len(train)} below confidence "
-          f"{a.min_confidence}), {len(heldout)} held out ({len(held)} prompts), {len(batches)} steps")
+          f"{a.min_confidence}), {len(heldout)} held out ({len(held)} videos), {len(batches)} steps")
 
     # 3. train with the Bradley-Terry loss
     params = [p for p in model.parameters() if p.requires_grad]
