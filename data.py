@@ -279,9 +279,10 @@ def rm_input(tok, question, answer, n_video_tokens, system=None):
 def encode(tok, turns, n_video_tokens, max_len=None, system=None):
     """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...] (assistant None: a generation
     prompt). Labels are -100 except on assistant tokens and their EOS (SPEC 2). The one <video> placeholder becomes
-    n_video_tokens copies of the video token, filled in by the model. Answers are cut from the end to fit max_len
-    (keeping EOS); a prompt that does not fit is an error. system: None = Vicuna v1's line (SPEC 2), "" = none."""
-    ids, labels = [tok.bos_token_id], [-100]
+    n_video_tokens copies of the video token, filled in by the model. Too long for max_len: the turns that fit are
+    kept whole, or the first answer is cut from its end (keeping EOS); a first prompt that does not fit is an
+    error. system: None = Vicuna v1's line (SPEC 2), "" = none."""
+    ids, labels, ends = [tok.bos_token_id], [-100], []  # ends: length after each answer's EOS
     system = SYSTEM if system is None else system
     text = f"{system} " if system else ""
     for i, (user, assistant) in enumerate(turns):
@@ -292,6 +293,7 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
         if assistant is not None:
             answer = tok(" " + assistant, add_special_tokens=False).input_ids + [tok.eos_token_id]
             ids, labels = ids + answer, labels + answer
+            ends.append(len(ids))
     vid = tok.convert_tokens_to_ids(VIDEO)
     if (n_placeholders := ids.count(vid)) > 1:
         raise ValueError(f"expected at most one {VIDEO} placeholder per conversation, found {n_placeholders}")
@@ -299,7 +301,10 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
         i = ids.index(vid)
         ids = ids[:i] + [vid] * n_video_tokens + ids[i + 1:]
         labels = labels[:i] + [-100] * n_video_tokens + labels[i + 1:]
+        ends = [e + n_video_tokens - 1 if e > i else e for e in ends]
     if max_len is not None and len(ids) > max_len:
+        if fit := [e for e in ends if e <= max_len]:  # whole turns: the later ones are dropped, no turn is cut
+            return ids[:fit[-1]], labels[:fit[-1]]
         prompt_len = next((i for i, l in enumerate(labels) if l != -100), len(ids))
         if prompt_len >= max_len:
             raise ValueError(f"prompt of {prompt_len} tokens does not fit max_len={max_len}")
@@ -504,6 +509,11 @@ def read_prompts(path, video_root=None):
     return out
 
 
+def question_text(user):
+    """A first user turn without its video placeholder (ours or the reference's <image>): the question alone."""
+    return user.replace(VIDEO, "").replace("<image>", "").strip()
+
+
 def read_prefs(path, video_root=None):
     """Preference pairs: our fields {id, video, question, answer_1, answer_2, preference} or the reference's
     {conversations, output_1: {value}, output_2: {value}, preference: 1|2}. -> our fields."""
@@ -511,7 +521,7 @@ def read_prefs(path, video_root=None):
     for n, r in read_records(path):
         if "output_1" in r:  # reference layout
             _need(path, n, r, ["conversations", "output_2", "preference"], "reference preference")
-            r = {**r, "question": r["conversations"][0]["value"].replace(VIDEO, "").replace("<image>", "").strip(),
+            r = {**r, "question": question_text(r["conversations"][0]["value"]),
                  "answer_1": r["output_1"]["value"], "answer_2": r["output_2"]["value"]}
         _need(path, n, r, ["question", "answer_1", "answer_2", "preference"], "preference")
         if r["preference"] not in (1, 2):

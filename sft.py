@@ -61,7 +61,7 @@ class Args:
     bf16: bool = False  # GPU path: bf16 autocast, frozen weights stored in bf16 (model.for_training)
     compile: bool = False  # GPU path: torch.compile the training forward (on the tiny CPU model it costs more than it saves)
     grad_ckpt: bool = False  # gradient checkpointing: recompute each LLM layer in backward, keep only its input
-    max_len: int = 256  # tokens per example; longer answers are truncated (data.encode)
+    max_len: int = 320  # tokens per example (the world's longest: 309); longer: later turns dropped (data.encode)
     save_every: int = 200  # steps between resume checkpoints
     resume: bool = False  # continue from out/resume.pt if present
     seed: int = 0  # data order and initialisation
@@ -163,11 +163,10 @@ def main(a: Args):
     tok = data.load_tokenizer(a.tokenizer or a.init)
     model = build_model(a, tok).to(device)
     cfg = model.cfg
-    if a.freeze_vision:
-        model.vision.requires_grad_(False)
     if a.lora_r:
-        M.add_lora(model, a.lora_r, a.lora_alpha)
+        M.add_lora(model, a.lora_r, a.lora_alpha)  # freezes every other weight
         model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
+    model.vision.requires_grad_(not a.freeze_vision)  # with LoRA too: a from-scratch tower must learn
     M.broadcast_parameters(model)
     forward, autocast = M.for_training(model, device, a.bf16, a.compile, a.grad_ckpt)
 

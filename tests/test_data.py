@@ -180,6 +180,11 @@ def test_loss_mask_is_assistant_tokens_and_eos(world):
     assert len(ids) == len(prompt) + 3 and ids[-1] == tok.eos_token_id == labels[-1]
     with pytest.raises(ValueError, match="does not fit"):
         data.encode(tok, [("Q?", "a")], 5, max_len=len(prompt) - 1)
+    # several turns: those that fit stay whole, the rest are dropped (not a cut prompt followed by EOS)
+    ids, labels = data.encode(tok, turns, 5)
+    for room in range(len(ids) - 1, len(ids) - 12, -1):
+        cut, cut_labels = data.encode(tok, turns, 5, max_len=room)
+        assert tok.decode([i for i in cut if i != vid]).endswith("ASSISTANT: red</s>") and cut[-1] == cut_labels[-1]
 
 
 def test_descriptions_parse_back_to_the_scene():
@@ -260,6 +265,15 @@ def test_template_without_system_line(world):
     ids, labels = data.encode(tok, [("Q?", "A")], 3, system="")
     assert tok.decode(ids) == "<s>USER: Q? ASSISTANT: A</s>"
     assert data.encode(tok, [("Q?", "A")], 3)[0] == data.encode(tok, [("Q?", "A")], 3, system=data.SYSTEM)[0]
+
+
+def test_question_text_drops_either_placeholder(world):
+    """The reference's files say <image> (SPEC 4); an RM input built from the question must hold one placeholder."""
+    tok = data.load_tokenizer(world / "tokenizer")
+    for user in ("<video>\nWhat colour is it?", "<image>\nWhat colour is it?", "What colour is it?"):
+        assert data.question_text(user) == "What colour is it?"
+        ids = data.rm_input(tok, data.question_text(user), "red", 3)
+        assert ids.count(tok.convert_tokens_to_ids(data.VIDEO)) == 3
 
 
 @pytest.mark.parametrize("stage", ["sft", "eval", "make_prefs", "train_rm", "ppo"])
