@@ -95,7 +95,10 @@ def merge_results(old, models, settings, bench=None):
         raise ValueError(f"results.json was made with settings {old['settings']}, this run uses {settings}; "
                          "use another --out")
     old = old or {}
-    merged = {"models": {**old.get("models", {}), **models}, "settings": settings}
+    # a model evaluated again takes its best-of-N rows with it: they came from the older checkpoint (or RM)
+    stale = lambda k: any(re.fullmatch(rf"{re.escape(n)}_bo\d+(_logp|_pi)?", k) for n in models)
+    merged = {"models": {**{k: v for k, v in old.get("models", {}).items() if not stale(k)}, **models},
+              "settings": settings}
     if bench or "benchmark" in old:
         merged["benchmark"] = {"judge": settings["judge"],
                                "models": {**old.get("benchmark", {}).get("models", {}), **(bench or {})}}
@@ -222,19 +225,22 @@ def parse_reply(text, qa=False):
     """{'score': 0-5[, 'pred': 'yes'|'no']} from a judge's reply, or None. Reads the asked-for dict (Python or
     JSON quoting) anywhere in the reply, else 'score: 4' / 'pred: yes' written out, or a reply opening with yes/no."""
     found = {}
-    m = re.search(r"\{.*?\}", text, re.S)
-    for load in (ast.literal_eval, json.loads) if m else ():
-        try:
-            d = load(m.group())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-        if isinstance(d, dict):
-            found = {str(k).lower(): v for k, v in d.items()}
-            break
-    if "score" not in found and (m := re.search(r"score\W{0,4}(\d+(?:\.\d+)?)", text, re.I)):
+    for m in re.finditer(r"\{.*?\}", text, re.S):  # the last dict wins: a judge may quote the format first
+        for load in (ast.literal_eval, json.loads):
+            try:
+                d = load(m.group())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                continue
+            if isinstance(d, dict):
+                found = {str(k).lower(): v for k, v in d.items()}
+                break
+    # 'Score: 4', 'Score (0-5): 4', 'score = -1' (kept negative, so out of range: a failure, not a 1)
+    if "score" not in found and (m := re.search(r"score\s*(?:\([^)]*\)|\[[^]]*\])?[\s:=]{0,4}(-?\d+(?:\.\d+)?)",
+                                                text, re.I)):
         found["score"] = m.group(1)
-    if qa and "pred" not in found and (m := re.search(r"pred\w*\W{0,4}(yes|no)\b|^\W*(yes|no)\b", text, re.I)):
-        found["pred"] = m.group(1) or m.group(2)
+    if qa and "pred" not in found and (m := re.search(r"pred\w*\W{0,4}(yes|no)\b", text, re.I)
+                                       or re.search(r"^\W*(yes|no)\b", text, re.I)):  # a written-out pred first
+        found["pred"] = m.group(1)
     try:
         score = float(found["score"])
     except (KeyError, TypeError, ValueError):
@@ -382,7 +388,7 @@ def best_of_n(name, path, records, args):
     scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data)
     for i in range(0, len(reps), args.batch_size):
         batch = list(zip(reps[i:i + args.batch_size], samples[i:i + args.batch_size]))
-        seqs = [data.rm_input(tok, r["turns"][-1][0].replace(data.VIDEO, "").strip(), a, rm.cfg.n_video_tokens,
+        seqs = [data.rm_input(tok, data.question_text(r["turns"][-1][0]), a, rm.cfg.n_video_tokens,
                               rm.cfg.system) for r, a in batch]
         ids, mask = data.pad(seqs, rm.cfg.pad_token_id, left=True), data.pad([[1] * len(q) for q in seqs], 0, left=True)
         videos = torch.stack([decoded[str(r["video"])] for r, _ in batch])
@@ -423,6 +429,8 @@ def main(args):
     records = data.read_conversations(args.data)[:args.limit or None] if args.data else []
     if args.data and not records:
         raise ValueError(f"{args.data}: no records to evaluate")
+    if bad := next((r for r in records if not r["video"]), None):
+        raise ValueError(f"{args.data}: record {bad['id']} has no video; eval asks questions about videos")
     qtypes, truths = [qtype_of(r) for r in records], [r["turns"][-1][1] for r in records]
     prior = prior_answers(data.read_conversations(args.prior_data)) if args.prior_data else None
     if records:
@@ -444,13 +452,15 @@ def main(args):
     # 3. score against the ground truth, predictions per model (nothing is written before this point: an eval
     # that fails leaves no output)
     data.start_run(out, args, resume=False)
-    results = {}
+    results, source = {}, {"prior": args.prior_data, **named}  # which checkpoint (and RM) made each row
     for name, preds in answers.items():
         scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
-        results[name] = m = summarize(qtypes, scores)
+        base = re.sub(r"_bo\d+(_logp|_pi)?$", "", name) if name not in source else name
+        results[name] = m = {**summarize(qtypes, scores), "source": source[base] if name in source else
+                             f"{source[base]}, best of {args.best_of} by {args.rm}"}
         print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
-                 "question": r["turns"][-1][0].replace(data.VIDEO, "").strip()}
+                 "question": data.question_text(r["turns"][-1][0])}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores)]
         data.write_jsonl(out / f"predictions_{name}.jsonl", rows)
 

@@ -326,6 +326,7 @@ class VideoLLM(nn.Module):
         mask = attention_mask_4d(attention_mask, T)
         for layer in self.llm.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():  # PPO trains in eval mode (no dropout)
+                assert cache is None, "a KV cache under gradient checkpointing would stay empty: use torch.no_grad()"
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)

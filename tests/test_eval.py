@@ -64,6 +64,8 @@ def test_model_name_merge_and_cli():
     assert ev.merge_results(old, {"b": 3, "c": 4}, {"t": 0})["models"] == {"a": 1, "b": 3, "c": 4}
     with pytest.raises(ValueError, match="another --out"):
         ev.merge_results(old, {"c": 4}, {"t": 0.2})
+    old = ev.merge_results(None, {"a": 1, "a_bo6": 2, "a_bo6_logp": 3, "a_bo6_pi": 4, "ab_bo6": 5}, {"t": 0})
+    assert ev.merge_results(old, {"a": 6}, {"t": 0})["models"] == {"a": 6, "ab_bo6": 5}  # a's old best-of rows go
     args = data.parse_args(ev.Args, ["--models", "a", "b=c", "--temperature", "0.2", "--limit", "5"])
     assert args.models == ["a", "b=c"] and args.temperature == 0.2 and args.limit == 5 and args.batch_size == 32
 
@@ -85,10 +87,10 @@ def test_end_to_end_two_models_merge_and_batching(world):
     assert res["settings"]["temperature"] == 0.0 and res["settings"]["limit"] == 12
     types = {r["type"] for r in data.read_conversations(shapes / "eval.jsonl")[:12]}
     for m in res["models"].values():
-        assert set(m) == {"accuracy", "accuracy_micro", "by_type", "n"} and m["n"] == 12
+        assert set(m) == {"accuracy", "accuracy_micro", "by_type", "n", "source"} and m["n"] == 12
         assert set(m["by_type"]) == types and all(0 <= v <= 1 for v in m["by_type"].values())
         assert m["accuracy"] == pytest.approx(sum(m["by_type"].values()) / len(types))
-    assert res["models"]["a"] == res["models"]["b"]  # same checkpoint, greedy: same numbers
+    assert res["models"]["a"] == res["models"]["b"] and res["models"]["a"]["source"] == str(ckpt)  # same checkpoint
     assert json.loads((out / "results.json").read_text()) == res
     assert json.loads((out / "config.json").read_text())["models"] == [f"a={ckpt}", f"b={ckpt}"]
     preds = [json.loads(line) for line in (out / "predictions_a.jsonl").read_text().splitlines()]
@@ -169,6 +171,7 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     res = ev.main(ev.Args(models=[f"c={world / 'sft'}"], data=str(shapes / "eval.jsonl"), prior_data="", out=str(out),
                           rm=str(rm_dir), best_of=3, batch_size=6, limit=5, device="cpu"))
     assert list(res["models"]) == ["c", "c_bo3", "c_bo3_logp", "c_bo3_pi"]
+    assert res["models"]["c_bo3_pi"]["source"] == f"{world / 'sft'}, best of 3 by {rm_dir}"  # which RM made the row
     pred = lambda name: {json.loads(line)["prediction"] for line in (out / f"predictions_{name}.jsonl").open()}
     assert pred("c_bo3") == {"red"} and pred("c_bo3_logp") == {"green"} and pred("c_bo3_pi") == {"blue"}
 
@@ -196,6 +199,10 @@ def test_parse_reply_reads_the_usual_replies():
         assert ev.parse_reply(bad) is None, bad
     assert ev.parse_reply("{'score': 4}", qa=True) is None  # zero-shot QA needs the yes/no verdict too
     assert ev.parse_reply("{'pred': 'maybe', 'score': 3}", qa=True) is None
+    assert ev.parse_reply("Score (0-5): 3") == ev.parse_reply("Score [0-5]: 3") == {"score": 3.0}  # not the 0
+    assert ev.parse_reply("Score: -1") is None  # out of range, not read as 1
+    assert ev.parse_reply("Format: {'score': 0}. My grade: {'score': 4}") == {"score": 4.0}  # the last dict
+    assert ev.parse_reply("Yes, they differ. pred: no, score: 1", qa=True) == {"pred": "no", "score": 1.0}
 
 
 def test_rule_judge_by_hand():

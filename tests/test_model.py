@@ -275,12 +275,15 @@ def test_gradient_checkpointing_same_grads():
     model = tiny_model().train()
     ids, mask, videos = prompts_with_video(model.cfg, [3, 6])
     grads = []
+    calls, forward = [0], model.llm.layers[0].forward
+    model.llm.layers[0].forward = lambda *a, **kw: calls.__setitem__(0, calls[0] + 1) or forward(*a, **kw)
     for flag in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = flag
         model.logits(model(ids, mask, videos)).square().mean().backward()
         grads.append(model.llm.layers[0].self_attn.q_proj.weight.grad.clone())
     assert torch.allclose(*grads, atol=1e-6)
+    assert calls[0] == 1 + 2  # once without checkpointing; with it, once more in backward (recomputed)
 
 
 # ----------------------------------------------------------------------------- our checkpoints

@@ -186,6 +186,8 @@ def test_missing_fields(world, tmp_path):
 def test_missing_video(world, tmp_path):
     moved = shutil.copy(world / "shapes" / "rl.jsonl", tmp_path)  # its videos are relative to its folder: absent
     fails("ppo", argv("ppo", world, tmp_path / "out", prompts=moved), f"{moved}:1: video {tmp_path}/videos/")
+    text = world / "shapes" / "text.jsonl"  # text-only records: a clear error, not a traceback
+    fails("eval", argv("eval", world, tmp_path / "out", data=text), f"{text}: record text_00000-read has no video")
 
 
 def test_corrupt_empty_and_frameless_videos(world, tmp_path):

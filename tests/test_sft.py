@@ -103,3 +103,16 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     assert steps == list(range(1, len(steps) + 1))  # every step logged once
     assert not (tmp_path / "cut" / "resume.pt").exists()
     assert data.load_tokenizer(str(tmp_path / "cut" / "model")).pad_token_id == resumed.cfg.pad_token_id
+
+
+def test_lora_trains_a_from_scratch_tower_unless_frozen(world, tmp_path):
+    """add_lora freezes every weight but the adapters: the vision tower must be switched back on by hand."""
+    for freeze in (False, True):
+        out = tmp_path / str(freeze)
+        sft.main(tiny_args(world, out, lora_r=2, freeze_vision=freeze))
+        torch.manual_seed(0)  # main's seed: the same random initial tower
+        before = sft.build_model(tiny_args(world, out), data.load_tokenizer(str(world / "tokenizer")))
+        after = M.load_pretrained(str(out / "model"))
+        key = "embeddings.patch_embedding.weight"
+        moved = not torch.equal(before.vision.state_dict()[key], after.vision.state_dict()[key])
+        assert moved != freeze
