@@ -433,6 +433,8 @@ def main(args):
         raise ValueError(f"{args.data}: record {bad['id']} has no video; eval asks questions about videos")
     qtypes, truths = [qtype_of(r) for r in records], [r["turns"][-1][1] for r in records]
     prior = prior_answers(data.read_conversations(args.prior_data)) if args.prior_data else None
+    items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit) \
+        if args.benchmark else []  # read now: a missing benchmark video fails before any generation
     if records:
         print(f"eval: {len(records)} questions from {args.data} ("
               + ", ".join(f"{t} {qtypes.count(t)}" for t in ordered(qtypes)) + ")")
@@ -449,10 +451,9 @@ def main(args):
     if rank > 0:
         return None  # scoring and files are rank 0's
 
-    # 3. score against the ground truth, predictions per model (nothing is written before this point: an eval
-    # that fails leaves no output)
-    data.start_run(out, args, resume=False)
-    results, source = {}, {"prior": args.prior_data, **named}  # which checkpoint (and RM) made each row
+    # 3. score against the ground truth, predictions per model (all files are written in step 5: an eval that
+    # fails, in the benchmark's judging too, leaves no output and no half-updated folder)
+    results, files, source = {}, {}, {"prior": args.prior_data, **named}  # source: the checkpoint (and RM) of a row
     for name, preds in answers.items():
         scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
         base = re.sub(r"_bo\d+(_logp|_pi)?$", "", name) if name not in source else name
@@ -462,12 +463,11 @@ def main(args):
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
                  "question": data.question_text(r["turns"][-1][0])}
                 for r, t, y, p, s in zip(records, qtypes, truths, preds, scores)]
-        data.write_jsonl(out / f"predictions_{name}.jsonl", rows)
+        files[f"predictions_{name}.jsonl"] = rows
 
     # 4. the benchmarks: every model (and the prior) answers every question; the judge scores each item per criterion
     bench = {}
     if args.benchmark:
-        items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit)
         questions = {}  # (video, question) -> type; a consistency Q1 is often a generic question too: ask once
         for it in items:
             for q in it["questions"]:
@@ -486,10 +486,13 @@ def main(args):
                     result, replies = judge(c, it, preds)
                     rows.append({**{k: v for k, v in it.items() if k != "video"}, "criterion": c, "predictions": preds,
                                  "score": None, "pred": None, **(result or {}), "replies": replies})
-            data.write_jsonl(out / f"benchmark_{name}.jsonl", rows)
+            files[f"benchmark_{name}.jsonl"] = rows
             bench[name] = bench_summary(rows)
 
-    # 5. results merged with earlier runs in --out, one table of all of them
+    # 5. the files, then results merged with earlier runs in --out, one table of all of them
+    data.start_run(out, args, resume=False)
+    for name, rows in files.items():
+        data.write_jsonl(out / name, rows)
     merged = merge_results(merged, results, settings, bench)
     data.write_atomic(results_file, json.dumps(merged, indent=1))
     if merged["models"]:

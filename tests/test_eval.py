@@ -254,6 +254,15 @@ def test_benchmark_end_to_end_rule_judge(world):
         ev.main(bench_args(world, world / "bench", judge="openai:http://127.0.0.1:9/v1"))
 
 
+def test_a_judge_that_fails_leaves_no_output(world, tmp_path, monkeypatch):
+    def unreachable(criterion, item, preds):
+        raise OSError("judge endpoint: HTTP 401")
+    monkeypatch.setattr(ev, "rule_judge", unreachable)
+    with pytest.raises(OSError, match="401"):
+        ev.main(bench_args(world, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # no predictions beside an older results.json, no config.json
+
+
 def truthful_answers(world, monkeypatch):
     """Stand-in generation: every benchmark question answered with its file's answer (matched by video and
     question), so every score is known."""
