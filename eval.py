@@ -441,24 +441,24 @@ def main(args):
 
     # 2. generate: every model answers every question with the same decoding settings
     answers = {"prior": [prior.get(t, "") for t in qtypes]} if prior and records else {}  # unseen type: ""
+    source = {"prior": args.prior_data, **named}  # what made each row: recorded in results.json
     for name, path in named.items() if records else ():
         t0 = time.time()
         share = records[rank * len(records) // world:(rank + 1) * len(records) // world]
         answers[name] = gather(generate_answers(name, path, share, args)[0])  # every rank's, in order
         print(f"{name}: {len(records)} answers in {time.time() - t0:.0f}s from {path}")
-        if args.rm:  # rows that measure the RM, not the model: <name>_bo6, <name>_bo6_logp (README)
-            answers |= {k: gather(v) for k, v in best_of_n(name, path, share, args).items()}
+        if args.rm:  # rows that measure the RM, not the model: <name>_bo6, _bo6_logp, _bo6_pi (README)
+            for k, v in best_of_n(name, path, share, args).items():
+                answers[k], source[k] = gather(v), f"{path}, best of {args.best_of} by {args.rm}"
     if rank > 0:
         return None  # scoring and files are rank 0's
 
     # 3. score against the ground truth, predictions per model (all files are written in step 5: an eval that
     # fails, in the benchmark's judging too, leaves no output and no half-updated folder)
-    results, files, source = {}, {}, {"prior": args.prior_data, **named}  # source: the checkpoint (and RM) of a row
+    results, files = {}, {}
     for name, preds in answers.items():
         scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
-        base = re.sub(r"_bo\d+(_logp|_pi)?$", "", name) if name not in source else name
-        results[name] = m = {**summarize(qtypes, scores), "source": source[base] if name in source else
-                             f"{source[base]}, best of {args.best_of} by {args.rm}"}
+        results[name] = m = {**summarize(qtypes, scores), "source": source[name]}
         print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,
                  "question": data.question_text(r["turns"][-1][0])}
