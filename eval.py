@@ -2,7 +2,7 @@
 
 Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's T=0.2
 sampling as an option, SPEC 3), scored against the ground truth: exact match after normalisation, slot F1 for
-descriptions. A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
+descriptions, word F1 for records without one of the world's types (free-form answers, e.g. Video-ChatGPT's). A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
 
 With --benchmark, the models also answer the Video-ChatGPT benchmark (correctness, detail, context, temporal,
 consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SPEC 4), scored by a judge: `rule`
@@ -457,7 +457,7 @@ def main(args):
     # fails, in the benchmark's judging too, leaves no output and no half-updated folder)
     results, files = {}, {}
     for name, preds in answers.items():
-        scores = [data.score_answer(t, p, y) for t, p, y in zip(qtypes, preds, truths)]
+        scores = [match(t, p, y) for t, p, y in zip(qtypes, preds, truths)]  # untyped (free-form): word F1
         results[name] = m = {**summarize(qtypes, scores), "source": source[name]}
         print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")
         rows = [{"id": r["id"], "type": t, "video": r["video"], "truth": y, "prediction": p, "score": s,

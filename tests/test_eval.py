@@ -143,6 +143,22 @@ def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
     assert sum(p["score"] for p in preds) >= 1
 
 
+def test_untyped_free_form_answers_score_word_f1(world, tmp_path, monkeypatch):
+    """Records without a type (the reference's eval files): a paraphrase gets partial credit, not exact match's 0."""
+    video = next((world / "shapes" / "videos").iterdir()).name
+    conv = lambda q, a: {"video": f"videos/{video}", "conversations": [{"from": "human", "value": q},
+                                                                       {"from": "gpt", "value": a}]}
+    (world / "shapes" / "free.jsonl").write_text("\n".join(json.dumps(conv(q, a)) for q, a in
+                                                          [("What happens?", "a man plays the guitar"),
+                                                           ("Who sings?", "the girl")]))
+    replies = ["A man is playing the guitar.", "The girl!"]
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: (replies[:len(recs)], [0.0] * len(recs)))
+    res = ev.main(ev.Args(models=[f"m={world / 'sft'}"], data=str(world / "shapes" / "free.jsonl"), prior_data="",
+                          out=str(tmp_path / "out"), device="cpu"))
+    # words {man, is, playing, guitar} against {man, plays, guitar}: P 2/4, R 2/3, F1 4/7; then an exact paraphrase
+    assert res["models"]["m"]["by_type"]["other"] == pytest.approx((4 / 7 + 1) / 2)
+
+
 def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     """Samples cycle through red, green, blue with log pi -3, -1.2, -0.5 and normalised RM scores 2.5, 1, 0 (raw
     22.5, 15, 10 with the RM's mean 10 and std 5): the bo rows keep red (the RM's best), the logp rows green (sums
