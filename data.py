@@ -433,7 +433,9 @@ def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
 
 # ----------------------------------------------------------------------------- file formats (SPEC 4)
 def read_records(path):
-    """A JSON list or a JSONL file -> list of (line_number, dict). Errors name the file and line."""
+    """A JSON list or a JSONL file -> list of (where, dict): where = the line number in a JSONL file, or
+    "LINE (record I)" in a JSON list (a LLaVA list may hold 100k records on one line), so that every error,
+    written f"{path}:{where}: ...", points at its record."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
@@ -443,19 +445,23 @@ def read_records(path):
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        return [(0, r) for r in items]  # a JSON list has no per-record line; 0 marks "whole file"
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line") from None
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(r).__name__}")
-        out.append((n, r))
-    return out
+        numbered, pos, line, decoder, gap = [], text.index("[") + 1, 1, json.JSONDecoder(), re.compile(r"[\s,]*")
+        for r in items:  # walk the valid text once more, item by item, counting newlines on the way
+            start = gap.match(text, pos).end()
+            line += text.count("\n", pos, start)
+            numbered.append((f"{line} (record {len(numbered) + 1})", r))
+            pos = decoder.raw_decode(text, start)[1]
+            line += text.count("\n", start, pos)
+    else:
+        numbered = []
+        for n, row in enumerate(text.splitlines(), 1):
+            try:
+                numbered += [(n, json.loads(row))] if row.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+    if bad := next(((n, r) for n, r in numbered if not isinstance(r, dict)), None):
+        raise ValueError(f"{path}:{bad[0]}: expected a JSON object, got {type(bad[1]).__name__}")
+    return numbered
 
 
 def _need(path, n, r, keys, what):
@@ -480,7 +486,7 @@ def read_conversations(path, video_root=None):
     """LLaVA-style records {id, video|images, conversations: [{from: human|gpt, value}, ...]} ->
     dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}."""
     out = []
-    for n, r in read_records(path):
+    for i, (n, r) in enumerate(read_records(path)):
         _need(path, n, r, ["conversations"], "conversation")
         conv = r["conversations"]
         roles = [c.get("from") for c in conv] if isinstance(conv, list) else None
@@ -496,7 +502,7 @@ def read_conversations(path, video_root=None):
         elif has_tag and not video:
             raise ValueError(f"{path}:{n}: turn has a {VIDEO} placeholder but the record has no 'video'")
         extra = {k: v for k, v in r.items() if k not in ("conversations", "video", "images")}
-        out.append({**extra, "id": r.get("id", f"{Path(path).stem}-{n}"), "video": video, "turns": turns})
+        out.append({**extra, "id": r.get("id", f"{Path(path).stem}-{i}"), "video": video, "turns": turns})
     return out
 
 

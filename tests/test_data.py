@@ -142,6 +142,26 @@ def test_malformed_records_name_file_and_line(tmp_path):
         data.read_prefs(f)
 
 
+def test_errors_in_a_json_list_name_the_line_and_record(tmp_path):
+    """LLaVA files are JSON lists, indented or on one line: an error names the line the record starts on and
+    its place in the list (not one number for the whole file)."""
+    (tmp_path / "v.mp4").touch()
+    good = {"video": "v.mp4", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    records = [good, good, {"video": "v.mp4"}, good]
+    f = tmp_path / "list.json"
+    f.write_text(json.dumps(records, indent=1))  # good takes 13 lines: the third record opens line 28
+    with pytest.raises(ValueError, match=r"list.json:28 \(record 3\): conversation record lacks 'conversations'"):
+        data.read_conversations(f)
+    f.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"list.json:1 \(record 3\): conversation"):
+        data.read_conversations(f)
+    f.write_text(json.dumps([good, "x"]))
+    with pytest.raises(ValueError, match=r"list.json:1 \(record 2\): expected a JSON object, got str"):
+        data.read_conversations(f)
+    f.write_text(json.dumps([good, good]))  # records without ids get one each, unique
+    assert [r["id"] for r in data.read_conversations(f)] == ["list-0", "list-1"]
+
+
 def test_formats_accept_reference_layouts(tmp_path):
     for name in ("fr/0.jpg", "fr/1.jpg", "v.mp4"):  # readers check that videos exist
         (tmp_path / name).parent.mkdir(exist_ok=True)
