@@ -142,10 +142,10 @@ def test_from_scratch_init_lets_the_video_through():
     videos = torch.randn(8, model.cfg.num_frames, 3, 16, 16)
     with torch.no_grad():
         spread = model.encode_video(videos).std(0).mean()  # across clips, per token and channel
-    assert spread > 2 * float(model.llm.embed_tokens.weight.detach().std())
-    proj = model.llm.layers[0].self_attn
-    assert float(proj.q_proj.weight.std()) == pytest.approx(32 ** -0.5, rel=0.1)  # 1/sqrt(fan_in)
-    assert float(proj.o_proj.weight.std()) == pytest.approx(32 ** -0.5 / 2, rel=0.1)  # and 1/sqrt(2 * layers) into the residual
+        assert spread > 2 * float(model.llm.embed_tokens.weight.std())
+        proj = model.llm.layers[0].self_attn
+        assert float(proj.q_proj.weight.std()) == pytest.approx(32 ** -0.5, rel=0.1)  # 1/sqrt(fan_in)
+        assert float(proj.o_proj.weight.std()) == pytest.approx(32 ** -0.5 / 2, rel=0.1)  # and 1/sqrt(2 * layers) into the residual
 
 
 def test_video_splice_only_rows_with_video_and_count_checked():
