@@ -350,12 +350,14 @@ def bench_table(bench):
 
 # ----------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate_answers(name, path, records, args, temperature=None):
-    """Each record's last question answered by the checkpoint at `path` -> (answers, log pi of each answer)."""
+def generate_answers(name, path, records, args, temperature=None, first=0):
+    """Each record's last question answered by the checkpoint at `path` -> (answers, log pi of each answer).
+    `first`: where the records start in the whole eval (a torchrun rank's share): the sampler's seed, with --seed."""
     model = load_pretrained(path, kind="policy").to(args.device).eval()
     tok, cfg = data.load_tokenizer(path), model.cfg
     data.check_tokenizer(tok, cfg, path)
-    generator = torch.Generator(args.device).manual_seed(args.seed)  # same stream for every model
+    # the same stream for every model; each rank's share its own (the same seed would repeat rank 0's draws)
+    generator = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + first)
     decoded = data.load_videos(records, cfg.num_frames, cfg.vision.image_size, args.data or args.benchmark)
     answers, logps = [], []
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
@@ -377,13 +379,13 @@ def generate_answers(name, path, records, args, temperature=None):
 
 
 @torch.no_grad()
-def best_of_n(name, path, records, args):
+def best_of_n(name, path, records, args, first=0):
     """MEASUREMENT of the RM at --rm (README): each question sampled --best_of times at temperature 1, and the
     sample kept with the highest RM score (_bo), RM + log pi(answer) (_bo_logp: the most likely answer of PPO's
     KL-regularised optimum at kl_coef 1, pi(y) exp(r(y))), or log pi alone (_bo_pi: the baseline; the RM knows
     something the policy's likelihood does not only where _bo_logp beats it)."""
     n, reps = args.best_of, [r for r in records for _ in range(args.best_of)]
-    samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0)
+    samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0, first=first * n)
     rm, tok = load_pretrained(args.rm, kind="reward").to(args.device).eval(), data.load_tokenizer(args.rm)
     scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data)
     for i in range(0, len(reps), args.batch_size):
@@ -444,11 +446,12 @@ def main(args):
     source = {"prior": args.prior_data, **named}  # what made each row: recorded in results.json
     for name, path in named.items() if records else ():
         t0 = time.time()
-        share = records[rank * len(records) // world:(rank + 1) * len(records) // world]
-        answers[name] = gather(generate_answers(name, path, share, args)[0])  # every rank's, in order
+        first = rank * len(records) // world
+        share = records[first:(rank + 1) * len(records) // world]
+        answers[name] = gather(generate_answers(name, path, share, args, first=first)[0])  # every rank's, in order
         print(f"{name}: {len(records)} answers in {time.time() - t0:.0f}s from {path}")
         if args.rm:  # rows that measure the RM, not the model: <name>_bo6, _bo6_logp, _bo6_pi (README)
-            for k, v in best_of_n(name, path, share, args).items():
+            for k, v in best_of_n(name, path, share, args, first).items():
                 answers[k], source[k] = gather(v), f"{path}, best of {args.best_of} by {args.rm}"
     if rank > 0:
         return None  # scoring and files are rank 0's

@@ -291,11 +291,18 @@ def main(a: Args):
     if rank > 0:
         return None
 
-    # 6. reference layout and summary, from the files (so every batch counts once, whatever the restarts)
-    prefs = data.read_log(files["prefs"])
+    # 6. the files in prompt order (ranks append batches as they finish, and train_rm's split and batches follow
+    # the file's order: the same pairs in another order would train another RM), the reference layout and the
+    # summary, from the files (so every batch counts once, whatever the restarts)
+    pos = {i: n for n, i in enumerate(ids)}
+    logs = {k: sorted(data.read_log(f), key=lambda r: r["batch"] if k == "metrics" else (pos[r["id"]], r["pair"]))
+            for k, f in files.items() if f.exists()}
+    for k, rows in logs.items():
+        data.write_jsonl(files[k], rows)
+    prefs = logs["prefs"]
     data.write_atomic(out / "prefs_reference.json", json.dumps([to_reference(r) for r in prefs], indent=1))
     s = {"context": a.context, "judge": a.judge or a.sft,
-         **summarize(prefs, data.read_log(files["oracle"]) if truth is not None else None, data.read_log(files["metrics"]))}
+         **summarize(prefs, logs.get("oracle") if truth is not None else None, logs["metrics"])}
     data.write_atomic(out / "summary.json", json.dumps(s, indent=1))
     agree = "no oracle" if truth is None or s["agreement"] is None else \
         f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"

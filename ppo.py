@@ -336,6 +336,7 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         it, kl_coef = state["iteration"], state["kl_coef"]
         print(f"resumed from {resume_file} at iteration {it}")
+    M.check_same(it, device, "the iteration to resume from")
     logs = {name: os.path.join(a.out, name) for name in ("metrics.jsonl", "samples.jsonl")}
     for path in logs.values() if rank == 0 else []:  # iterations after the resume point run again: drop their lines
         data.trim_log(path, lambda r: r["iteration"] <= it)

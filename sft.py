@@ -217,6 +217,7 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
+    M.check_same(step, device, "the step to resume from")
     if rank == 0:
         data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 

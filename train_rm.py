@@ -162,15 +162,16 @@ def main(a: Args):
         v = torch.stack([videos[str(p["video"])] for p in ps])
         return torch.cat([v, v]).to(a.device)
 
-    def score_pairs(ps):  # -> r1, r2 (N,) in batches, without gradients
-        r = []
+    def score_pairs(ps):  # -> r1, r2 (N,) without gradients; under torchrun each rank scores a contiguous share
+        share, r = ps[rank * len(ps) // world:(rank + 1) * len(ps) // world], []
         with torch.no_grad(), autocast():
-            for i in range(0, len(ps), a.batch_size):
-                b = ps[i:i + a.batch_size]
+            for i in range(0, len(share), a.batch_size):
+                b = share[i:i + a.batch_size]
                 r.append(scores(model, [p["seqs"][0] for p in b] + [p["seqs"][1] for p in b], load(b),
                                 cfg.pad_token_id).view(2, -1).cpu())
         r = torch.cat(r, 1) if r else torch.empty(2, 0)
-        return r[0], r[1]
+        r = torch.tensor(M.gather(r.T.tolist())).view(-1, 2)  # (N, 2): every rank's share, in order
+        return r[:, 0], r[:, 1]
 
     def evaluate(step, epoch):  # held-out accuracy on AI labels; agreement with the oracle (MEASUREMENT only)
         model.eval()
@@ -196,6 +197,7 @@ def main(a: Args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed from {resume_file} at step {step}")
+    M.check_same(step, a.device, "the step to resume from")
     if rank == 0:
         data.trim_log(metrics_file, lambda r: r["step"] <= step)  # steps after the resume point run again
 
@@ -225,24 +227,22 @@ def main(a: Args):
         step += 1
         rec = {"step": step, "epoch": epoch, "loss": round(value, 5), "acc": correct / n,
                "grad_norm": round(float(grad_norm), 4), "lr": a.lr}
+        epoch_end = step == len(batches) or batches[step][0] != epoch
+        if epoch_end:  # 4. held-out accuracy after every epoch (every rank scores a share)
+            evals.append(evaluate(step, epoch))
         if rank > 0:
-            continue  # evaluation, logs and checkpoints are rank 0's
+            continue  # logs and checkpoints are rank 0's
         with open(metrics_file, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in [rec] + ([evals[-1]] if epoch_end else [])))
         bar.set_postfix(loss=f"{value:.3f}", acc=f"{rec['acc']:.2f}")
         bar.update()
-        if step == len(batches) or batches[step][0] != epoch:  # 4. held-out accuracy after every epoch
-            evals.append(evaluate(step, epoch))
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(evals[-1]) + "\n")
+        if epoch_end:
             bar.write(f"train_rm: epoch {epoch} held-out acc {pct(evals[-1]['heldout_acc'])} on {len(heldout)} pairs, "
                       f"oracle agreement {pct(evals[-1]['heldout_oracle_agreement'])} on {evals[-1]['n_oracle']}")
         if step % a.save_every == 0 and step < len(batches):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, f"{resume_file}.tmp")
             os.replace(f"{resume_file}.tmp", resume_file)
     bar.close()
-    if rank > 0:
-        return None
 
     # 5. normalise: mean 0 / std 1 over the SFT answers of the training pairs (scores are only comparable
     # within one RM, SPEC 5; PPO reads these from the checkpoint)
@@ -250,6 +250,8 @@ def main(a: Args):
     r1, r2 = score_pairs(train_all)
     all_scores = torch.cat([r1, r2])
     mean, std = all_scores.mean().item(), all_scores.std().item()
+    if rank > 0:
+        return None
 
     # 6. save the checkpoint: tokenizer first, model.safetensors, config.json last (= complete)
     final = out / "model"

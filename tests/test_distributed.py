@@ -18,11 +18,24 @@ import model as M
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
-RUNNER = """import importlib, json, sys
-import data
+RUNNER = """import importlib, json, os, sys
+import torch
+import data, model
+rows, reward = {}, model.VideoLLM.reward
+def counted(self, input_ids, *args, **kwargs):  # rows this rank scores without gradients, per stage
+    if not torch.is_grad_enabled():
+        rows[stage] = rows.get(stage, 0) + input_ids.shape[0]
+    return reward(self, input_ids, *args, **kwargs)
+model.VideoLLM.reward = counted
 for stage, argv in json.loads(sys.argv[1]):  # one launch for every stage: torch starts once per rank
     module = importlib.import_module(stage)
     data.cli(module.main, module.Args, argv=argv)
+try:  # ranks holding different numbers (a resume step only some nodes saw) must all fail, not hang
+    model.check_same(int(os.environ["RANK"]), "cpu", "the rank")
+except ValueError as e:
+    rows["check_same"] = str(e)
+model.check_same(7, "cpu", "a number every rank holds")
+open(sys.argv[2] + os.environ["RANK"], "w").write(json.dumps(rows))
 """
 
 
@@ -56,7 +69,7 @@ def w(tmp_path_factory):
         data.cli(module.main, module.Args, argv=argv)
     (w / "runner.py").write_text(RUNNER)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(w / "runner.py"), json.dumps(stages(w, "2"))], cwd=REPO, capture_output=True, text=True,
+                        str(w / "runner.py"), json.dumps(stages(w, "2")), str(w / "rows")], cwd=REPO, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return w
@@ -78,12 +91,24 @@ def test_two_processes_train_like_one_on_the_same_global_batch(w, stage):
 
 def test_sharded_prefs_and_eval_equal_one_process(w):
     one, two = w / "1" / "prefs", w / "2" / "prefs"
-    lines = lambda p: sorted(json.dumps(r, sort_keys=True) for r in data.read_log(p))
-    assert lines(one / "prefs.jsonl") == lines(two / "prefs.jsonl") and len(lines(one / "prefs.jsonl")) == 12
-    assert sorted(metrics(two / "metrics.jsonl", "batch")) == list(range(6))  # every batch once, by either rank
+    # the same lines in the same order (ranks append as they finish; the files are put in prompt order at the
+    # end, since train_rm's split and batches follow the file's order)
+    for name in ("prefs.jsonl", "oracle.jsonl", "metrics.jsonl", "prefs_reference.json"):
+        strip = lambda text: [{**r, "seconds": 0} for r in map(json.loads, text.splitlines())] if name == "metrics.jsonl" else text
+        assert strip((one / name).read_text()) == strip((two / name).read_text()), name
+    assert len(data.read_log(one / "prefs.jsonl")) == 12
+    assert metrics(two / "metrics.jsonl", "batch") == list(range(6))  # every batch once, by either rank
     s1, s2 = (json.loads((p / "summary.json").read_text()) for p in (one, two))
     assert {**s1, "seconds": 0} == {**s2, "seconds": 0}
     assert (w / "1" / "eval" / "predictions_sft.jsonl").read_text() == (w / "2" / "eval" / "predictions_sft.jsonl").read_text()
+
+
+def test_each_rank_scores_a_share_and_ranks_that_disagree_all_fail(w):
+    r0, r1 = (json.loads((w / f"rows{r}").read_text()) for r in (0, 1))
+    # train_rm's held-out accuracy (2 epochs) and score normalisation: both ranks score about half of the pairs
+    # (rank 0 alone made the others wait past the process group's timeout at 40k pairs)
+    assert r0["train_rm"] > 0 and r1["train_rm"] > 0 and abs(r0["train_rm"] - r1["train_rm"]) <= 3 * 2
+    assert "the ranks disagree on the rank (mean 0.5" in r0["check_same"] and "this rank 1" in r1["check_same"]
 
 
 def children(pid):

@@ -121,6 +121,11 @@ def test_sampling_is_seeded(world):
     assert (world / "sampled0" / "predictions_s.jsonl").read_text() == \
            (world / "sampled1" / "predictions_s.jsonl").read_text()
     assert runs[0]["settings"]["temperature"] == 0.2
+    # under torchrun each rank's share starts at its own place in the eval: its own stream, not rank 0's again
+    records = data.read_conversations(shapes / "eval.jsonl")[:6]
+    args = ev.Args(temperature=1.0, max_new_tokens=6, device="cpu")
+    answer = lambda first: ev.generate_answers("s", ckpt, records, args, first=first)
+    assert answer(0) == answer(0) != answer(6)
 
 
 def test_answer_is_cut_at_first_eos_and_scored(world, monkeypatch):
@@ -152,7 +157,7 @@ def test_untyped_free_form_answers_score_word_f1(world, tmp_path, monkeypatch):
                                                           [("What happens?", "a man plays the guitar"),
                                                            ("Who sings?", "the girl")]))
     replies = ["A man is playing the guitar.", "The girl!"]
-    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: (replies[:len(recs)], [0.0] * len(recs)))
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args, **k: (replies[:len(recs)], [0.0] * len(recs)))
     res = ev.main(ev.Args(models=[f"m={world / 'sft'}"], data=str(world / "shapes" / "free.jsonl"), prior_data="",
                           out=str(tmp_path / "out"), device="cpu"))
     # words {man, is, playing, guitar} against {man, plays, guitar}: P 2/4, R 2/3, F1 4/7; then an exact paraphrase
@@ -288,7 +293,7 @@ def truthful_answers(world, monkeypatch):
         for r in data.read_benchmark(bench / file):
             for q in [r.get("Q"), r.get("Q1"), r.get("Q2"), r.get("question")]:
                 truth[str(world / "shapes" / "videos" / r["video_name"]), q] = r.get("A", r.get("answer"))
-    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args: (
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args, **k: (
         [truth[r["video"], r["turns"][-1][0].replace(f"{data.VIDEO}\n", "")] for r in recs], [0.0] * len(recs)))
 
 

@@ -181,3 +181,10 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1, 2]
     ids = [(p["id"], p["pair"]) for p in lines(cut / "prefs.jsonl")]
     assert len(ids) == len(set(ids))
+    # batches appended out of order (torchrun's ranks append as they finish): the end puts them in prompt order
+    for name in ("prefs.jsonl", "oracle.jsonl", "metrics.jsonl"):
+        (cut / name).write_text("".join((cut / name).read_text().splitlines(keepends=True)[::-1]))
+    mp.main(args(world, cut, resume=True))
+    for name in ("prefs.jsonl", "oracle.jsonl", "prefs_reference.json"):
+        assert (cut / name).read_text() == (tmp_path / "full" / name).read_text(), name
+    assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1, 2]
