@@ -12,7 +12,7 @@ With --rm, each model also answers by the best of 6 of its samples by that rewar
 <name>_bo6_logp), and by its own likelihood alone (<name>_bo6_pi, the baseline): a measurement of how far the RM
 could lift the policy (README).
 
-    python eval.py --models runs/shapes/sft runs/shapes/ppo --data data/shapes/eval.jsonl --out runs/eval
+    python eval.py --models sft=runs/tiny/sft/model rlaif=runs/tiny/ppo/model --data data/shapes/eval.jsonl --out runs/eval
     python eval.py --models sft=runs/tiny/sft/model --benchmark data/shapes/benchmark --judge rule
     python eval.py --models sft=runs/tiny/sft/model --rm runs/tiny/rm/model --out runs/tiny/eval_bo6
 
