@@ -143,6 +143,9 @@ def test_cli_error_is_one_line_with_exit_status_1(world, tmp_path):
                         str(world / "sft"), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.splitlines() == [f"train_rm: error: {tmp_path / 'missing.jsonl'}: file not found"]
     assert not (tmp_path / "out").exists()
+    r = subprocess.run([sys.executable, "report.py", "--eval", str(tmp_path / "no_eval"), "--out", str(tmp_path / "r.html")],
+                       cwd=REPO, capture_output=True, text=True)  # the report too: one line, not a traceback
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("report: error: "), r.stderr
 
 
 def fails(stage, args, match):
