@@ -378,7 +378,7 @@ class VideoLLM(nn.Module):
             tokens.append(tok.masked_fill(done, cfg.pad_token_id))
             logprobs.append(logp.gather(1, tok[:, None]).squeeze(1).masked_fill(done, 0.0))
             done = done | (tok == cfg.eos_token_id)
-            if bool(done.all()):
+            if bool(done.all()) or len(tokens) == max_new_tokens:  # no forward pass whose output is never read
                 break
             attention_mask = F.pad(attention_mask, (0, 1), value=1)
             hidden = self(tokens[-1][:, None], attention_mask, cache=cache)[:, -1]

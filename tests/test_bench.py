@@ -20,6 +20,25 @@ def test_bench_runs_and_prints_ratios(capsys):
     assert "max logit difference ours vs HF" in out  # identical weights were checked
 
 
+def test_naive_decoding_runs_only_where_asked(monkeypatch):
+    """At 122M one naive batch takes minutes: a size not in --naive must not run it, not even as a check."""
+    calls, real = [], bench.naive_generate
+    monkeypatch.setattr(bench, "naive_generate", lambda *a: calls.append(1) or real(*a))
+    ratios = bench.main(bench.Args(sizes=["mini"], threads=1, batch=2, new_tokens=4, naive=[], compile=[], memory=False))
+    assert not calls and "gen_vs_naive_mini" not in ratios
+
+
+def test_training_step_holds_no_gradients_between_steps(tmp_path):
+    """The memory baseline is read between two steps: gradients must be allocated inside the measured step
+    (they are part of its growth), not left over from the warm-up."""
+    bench.save_hf(bench.SHAPES["mini"], str(tmp_path))
+    ours = bench.load_ours(bench.SHAPES["mini"], str(tmp_path))
+    hf = bench.HFVideoLLM(ours, str(tmp_path))
+    w = bench.workloads(ours, hf, bench.SHAPES["mini"], bench.Args(batch=2, new_tokens=4))
+    w["train_ours"](), w["train_hf"]()
+    assert all(p.grad is None for m in (ours, hf) for p in m.parameters())
+
+
 def test_peak_memory_measurement(tmp_path):
     # what bench.peak_mb runs in a fresh process, run here in-process (a fresh interpreter costs seconds)
     bench.save_hf(bench.SHAPES["mini"], str(tmp_path))

@@ -178,6 +178,17 @@ def test_cached_greedy_equals_full_forward_greedy():
             seq, m = torch.cat([seq, nxt[:, None]], 1), F.pad(m, (0, 1), value=1)
 
 
+def test_generate_runs_one_forward_per_new_token():
+    """The prompt's pass gives the first token, each decoding step the next: N tokens, N passes (one more, after
+    the last token, would only be thrown away; bench.py times this sampler against HF's generate)."""
+    model = tiny_model()
+    model.cfg.eos_token_id = 10_000  # an id no token has: never stops early
+    passes = []
+    model.llm.norm.register_forward_hook(lambda *_: passes.append(1))
+    resp, _ = model.generate(*prompts_with_video(model.cfg, [3, 7]), max_new_tokens=6, temperature=1.0)
+    assert resp.shape == (2, 6) and len(passes) == 6
+
+
 def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
     model = tiny_model()
     ids, mask, videos = prompts_with_video(model.cfg, [2, 5, 4])
