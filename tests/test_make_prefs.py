@@ -175,7 +175,10 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
         mp.main(args(world, cut, resume=True, temperature=0.5))
     with pytest.raises(ValueError, match="other arguments.*batch_size"):  # not an IndexError on done batch 1
         mp.main(args(world, cut, resume=True, batch_size=100))
+    after = []
+    monkeypatch.setattr(mp, "generate_texts", lambda *a, **kw: after.append(1) or real(*a, **kw))
     mp.main(args(world, cut, resume=True))
+    assert len(after) == 1  # batch 2 only: batches 0 and 1 were kept
     for name in ("prefs.jsonl", "oracle.jsonl", "prefs_reference.json"):
         assert (cut / name).read_text() == (tmp_path / "full" / name).read_text(), name
     assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1, 2]

@@ -209,6 +209,7 @@ def test_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch
                 "approx_kl", "value_loss", "explained_variance", "policy_loss", "lr", "seconds"):
         assert all(key in m for m in metrics), key
     assert metrics[0]["kl"] == 0 and metrics[0]["minibatch_steps"] == 4  # 2 epochs x 4 answers / 2
+    assert metrics[1]["kl"] > 0.1  # the policy moved away from the reference, which stayed where it was
     assert metrics[0]["sampler_logprob_gap"] < 1e-4
     samples = read_jsonl(tmp_path / "full" / "samples.jsonl")
     assert len(samples) == 4 and set(samples[0]) == {"iteration", "id", "question", "answer", "score"}
@@ -226,9 +227,11 @@ def test_end_to_end_and_resume_equals_uninterrupted(world, tmp_path, monkeypatch
     monkeypatch.setattr(ppo, "ppo_step", crash_in_iteration_2)
     with pytest.raises(KeyboardInterrupt):
         ppo.main(tiny_args(world, tmp_path / "cut"))
-    monkeypatch.setattr(ppo, "ppo_step", real_step)
     assert not (tmp_path / "cut" / "model").exists() and (tmp_path / "cut" / "resume.pt").exists()
+    after = []
+    monkeypatch.setattr(ppo, "ppo_step", lambda *args, **kw: after.append(1) or real_step(*args, **kw))
     ppo.main(tiny_args(world, tmp_path / "cut", resume=True))
+    assert len(after) == 4  # iteration 2 only: it went on from iteration 1's resume point
     resumed = M.load_pretrained(str(tmp_path / "cut" / "model"), kind="policy")
     for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-6), k
@@ -258,10 +261,23 @@ def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
     assert all(m.enabled for m in policy.modules() if isinstance(m, M.LoRALinear))  # switched back on
 
 
-def test_lora_run_and_adaptive_kl_saves_a_plain_checkpoint(world, tmp_path):
-    a = ppo.Args()
+def test_lora_run_and_adaptive_kl_saves_a_plain_checkpoint(world, tmp_path, monkeypatch):
+    """Also how main wires the math: the coefficient it uses is the one it logs, the penalties reach the
+    score, and the advantages a minibatch sees are whitened over the rollout's answer tokens."""
+    a, used, seen = ppo.Args(), [], []
+    real_rewards, real_step = ppo.compute_rewards, ppo.ppo_step
+    monkeypatch.setattr(ppo, "compute_rewards", lambda *args: used.append(args[4]) or real_rewards(*args))
+    monkeypatch.setattr(ppo, "ppo_step", lambda *args: seen.append(args[3]) or real_step(*args))
     ppo.main(tiny_args(world, tmp_path, lora_r=4, target_kl=6.0, length_penalty=10.0))
     m = read_jsonl(tmp_path / "metrics.jsonl")
+    assert used == [x["kl_coef"] for x in m]
+    # the tiny policy never says EOS within 6 tokens: the no-EOS penalty replaces every RM score, and the length
+    # penalty takes 10 x 6 / 6 more
+    assert [(x["score"], x["no_eos"], x["answer_len"]) for x in m] == [(-18.0, 1.0, 6.0)] * 2
+    epoch = seen[:2]  # iteration 1, epoch 1: 2 minibatches of 2, every answer once
+    adv, mask = torch.cat([mb["advantages"] for mb in epoch]), torch.cat([mb["mask"] for mb in epoch])
+    assert adv[mask.bool()].mean().item() == pytest.approx(0, abs=1e-5)
+    assert adv[mask.bool()].std().item() == pytest.approx(1, abs=1e-4)
     assert m[0]["kl"] == 0 and m[0]["kl_coef"] == a.kl_coef  # LoRA B starts at 0: policy == reference
     # the controller saw KL 0 < 6 in iteration 1: the coefficient falls by the clipped 20% x 4 answers / horizon
     assert m[1]["kl_coef"] == pytest.approx(a.kl_coef * (1 - 0.2 * 4 / a.kl_horizon), abs=1e-6)
@@ -278,7 +294,9 @@ def test_bf16_full_fine_tune_starts_at_the_reference(world, tmp_path):
 def test_rm_scores_are_normalised_with_the_rms_own_statistics(world, tmp_path, monkeypatch):
     monkeypatch.setattr(ppo, "score", lambda rm, query_ids, *rest: torch.full((len(query_ids),), 4.5))
     ppo.main(tiny_args(world, tmp_path, iterations=1))
-    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["rm_score"] == 2.0  # (4.5 - 0.5) / 2.0: the world RM's mean, std
+    m = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert m["rm_score"] == 2.0  # (4.5 - 0.5) / 2.0: the world RM's mean, std
+    assert (m["score"], m["no_eos"]) == (-8.0, 1.0)  # no answer ended: the penalty replaces the RM's score
 
 
 def test_reward_model_reads_what_it_was_trained_on(world):

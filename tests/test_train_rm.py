@@ -29,7 +29,7 @@ def world(tmp_path_factory):
         a1, a2 = (right, wrong) if pref == 1 else (wrong, right)
         prefs.append({"id": p["id"], "pair": 0, "video": p["video"], "question": p["question"], "type": p["type"],
                       "answer_1": a1, "answer_2": a2, "preference": pref, "confidence": 0.9 if i % 3 else 0.6})
-        oracle.append({"id": p["id"], "pair": 0, "oracle": pref})
+        oracle.append({"id": p["id"], "pair": 0, "oracle": 3 - pref if i % 3 == 1 else pref})  # the judge erred on some
     (root / "prefs").mkdir()
     (root / "prefs" / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
     (root / "prefs" / "oracle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in oracle))
@@ -109,7 +109,7 @@ def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
     below = sum(r["confidence"] < 0.7 for r in train)
     assert s["n_heldout"] == len(prefs) - len(train) >= 3 and s["n_train"] == len(train) - below
     assert s["n_below_confidence"] == below > 0
-    assert s["n_oracle"] == s["n_heldout"] and 0 <= s["heldout_oracle_agreement"] <= 1  # every pair has a verdict
+    assert s["n_oracle"] == s["n_heldout"]  # every pair has a verdict
     metrics = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
     assert [m["epoch"] for m in metrics if "heldout_acc" in m] == [0, 1]  # held-out accuracy every epoch
     steps = [m["step"] for m in metrics if "loss" in m]
@@ -127,6 +127,31 @@ def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
         z = (rm.scores(model, seqs, videos, tok.pad_token_id) - extra["score_mean"]) / extra["score_std"]
     assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1, abs=1e-4)
 
+    # the last held-out numbers by hand, from the saved RM: against the labels, and against the oracle's verdicts
+    held_pairs = [r for r in prefs if r["video"] in held]
+    oracle = {r["id"]: r["oracle"] for r in map(json.loads, open(world / "prefs" / "oracle.jsonl"))}
+    seqs = [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens) for i in (1, 2) for r in held_pairs]
+    videos = torch.stack([data.load_video(r["video"], cfg.num_frames, 48) for _ in (1, 2) for r in held_pairs])
+    with torch.no_grad():
+        r1, r2 = rm.scores(model, seqs, videos, tok.pad_token_id).view(2, -1)
+    by_label = rm.accuracy(r1, r2, torch.tensor([r["preference"] for r in held_pairs]))
+    by_oracle = rm.accuracy(r1, r2, torch.tensor([oracle[r["id"]] for r in held_pairs]))
+    assert (s["heldout_acc"], s["heldout_oracle_agreement"]) == pytest.approx((by_label, by_oracle))
+    assert by_oracle != 0.5  # decisive: the oracle's verdicts read the wrong way round would give 1 - by_oracle
+
+    # the first step's loss by hand: the seeded new RM on the first batch, each pair's preferred answer as labelled
+    torch.manual_seed(0)
+    init = M.load_pretrained(str(world / "sft"), kind="policy", new_head="reward")
+    kept = [r for r in train if r["confidence"] >= 0.7]
+    b = [kept[i] for i in rm.batch_order(len(kept), rm.Args().epochs, 2, 0)[0][1]]
+    seqs = [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system) for i in (1, 2) for r in b]
+    videos = torch.stack([data.load_video(r["video"], cfg.num_frames, 48) for _ in (1, 2) for r in b])
+    with torch.no_grad():
+        r1, r2 = rm.scores(init, seqs, videos, tok.pad_token_id).view(2, -1)
+    pref = torch.tensor([r["preference"] for r in b])
+    first, swapped = rm.bt_loss(r1, r2, pref).item(), rm.bt_loss(r2, r1, pref).item()
+    assert metrics[0]["loss"] == pytest.approx(first, abs=2e-5) and abs(first - swapped) > 1e-4  # direction matters
+
     calls, real = [0], rm.bt_loss
 
     def crash_at_step_5(*a, **kw):  # after the step-3 resume checkpoint and the epoch-0 evaluation
@@ -138,9 +163,11 @@ def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "bt_loss", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         rm.main(args(world, tmp_path / "cut", min_confidence=0.7))
-    monkeypatch.setattr(rm, "bt_loss", real)
     assert (tmp_path / "cut" / "resume.pt").exists() and not (tmp_path / "cut" / "model").exists()
+    after = []
+    monkeypatch.setattr(rm, "bt_loss", lambda *a, **kw: after.append(1) or real(*a, **kw))
     rm.main(args(world, tmp_path / "cut", min_confidence=0.7, resume=True))
+    assert len(after) == len(steps) - 3  # it went on from the step-3 resume point, not from the start
     full, resumed = M.load_pretrained(path), M.load_pretrained(str(tmp_path / "cut" / "model"))
     for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-6), k
