@@ -226,19 +226,30 @@ def perturb(qtype, question, answer, rng):
         a, b = (f"the {c} {s}" for c, s in re.findall(_OBJ, question))
         return b if answer == a else a
     if qtype == "describe":  # one fact changed, in the world's own grammar: no slip that gives it away unread
-        obj, used = re.search(_OBJ, answer), [c for c, _ in re.findall(_OBJ, answer)]
+        obj, named = re.search(_OBJ, answer), re.findall(_OBJ, answer)
+        colours, shapes = [c for c in COLOURS if c not in {c for c, _ in named}], [s for s in SHAPES if s not in {s for _, s in named}]
+        moves = [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]
+        local = random.Random(answer)  # draws of its own: the world's stream (and so every split) stays as it was
         while True:
             kind = rng.choice(["motion", "colour", "count"])
             if kind == "motion":
-                moves = [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]
                 wrong = re.sub(r"moves \w+|stays still", rng.choice(moves), answer, count=1)
             elif kind == "colour":  # every mention of the object, and no colour another object has (as in the world)
                 c = rng.choice(list(COLOURS))
-                c = c if c == obj.group(1) or c not in used else next(x for x in COLOURS if x not in used)
+                c = c if c == obj.group(1) or c in colours else local.choice(colours)
                 wrong = answer.replace(obj.group(0), f"{c} {obj.group(2)}")
-            else:
-                n = rng.choice(NUMBERS[1:])
-                wrong = re.sub(r"shows \w+ objects?", f"shows {n} object{'s' * (n != 'one')}", answer, count=1)
+            else:  # another count, and as many objects: the last ones dropped, or new ones (there from the start)
+                n = NUMBERS.index(rng.choice(NUMBERS[1:]))
+                _, *sentences = re.findall(r"[^.]+\.", answer)  # the count's sentence, then the objects'
+                objects = []  # each object's sentences: its own, then "Then the ... leaves."
+                for x in map(str.strip, sentences):
+                    if x.startswith("Then"):
+                        objects[-1].append(x)
+                    else:
+                        objects.append([x])
+                k = max(0, n - len(objects))
+                new = [[f"A {c} {s} {local.choice(moves)}."] for c, s in zip(local.sample(colours, k), local.sample(shapes, k))]
+                wrong = " ".join([f"The video shows {NUMBERS[n]} object{'s' * (n > 1)}."] + sum((new + objects)[:n], []))
             if wrong != answer:
                 return wrong
     pools = {"colour": list(COLOURS), "shape": SHAPES, "direction": list(DIRECTIONS), "count": NUMBERS[1:],
