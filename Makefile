@@ -4,7 +4,7 @@
 #                 (incremental: a stage whose output exists is skipped, an interrupted one resumes;
 #                 CONTEXT=gt|self|none picks whose preferences train the RM; gt by default, README)
 # make bench      our model against transformers on identical weights: tokens/s, step time, compile, memory
-#                 (13-33 minutes on the shared 2-core CPU; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
+#                 (3-4 minutes on the idle 2-core CPU; not part of make test; BENCH_ARGS="--sizes tiny" etc.)
 PY := .venv/bin/python
 WORLD := data/shapes
 RUN := runs/tiny
