@@ -27,6 +27,12 @@ def counted(self, input_ids, *args, **kwargs):  # rows this rank scores without 
         rows[stage] = rows.get(stage, 0) + input_ids.shape[0]
     return reward(self, input_ids, *args, **kwargs)
 model.VideoLLM.reward = counted
+import ppo
+rollout = ppo.rollout
+def recorded(policy, ref, value_model, query_ids, videos, *args):  # the prompts each rank's PPO rollouts answer
+    rows.setdefault("ppo_prompts", []).append([[*q, round(float(v.sum()), 2)] for q, v in zip(query_ids, videos)])
+    return rollout(policy, ref, value_model, query_ids, videos, *args)
+ppo.rollout = recorded
 for stage, argv in json.loads(sys.argv[1]):  # one launch for every stage: torch starts once per rank
     module = importlib.import_module(stage)
     data.cli(module.main, module.Args, argv=argv)
@@ -168,4 +174,7 @@ def test_large_model_path_runs_on_cpu(w, tmp_path):
 
 def test_ppo_runs_on_two_processes(w):
     assert metrics(w / "2" / "ppo" / "metrics.jsonl", "iteration") == [1, 2]
+    r0, r1 = (json.loads((w / f"rows{r}").read_text())["ppo_prompts"] for r in (0, 1))
+    for mine, theirs in zip(r0, r1):  # each iteration: half of the rollout each, no prompt answered twice
+        assert len(mine) == len(theirs) == 2 and not {json.dumps(p) for p in mine} & {json.dumps(p) for p in theirs}
     assert M.load_pretrained(str(w / "2" / "ppo" / "model"), kind="policy")
