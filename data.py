@@ -444,9 +444,8 @@ def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):
 
 # ----------------------------------------------------------------------------- file formats (SPEC 4)
 def read_records(path):
-    """A JSON list or a JSONL file -> list of (where, dict): where = the line number in a JSONL file, or
-    "LINE (record I)" in a JSON list (a LLaVA list may hold 100k records on one line), so that every error,
-    written f"{path}:{where}: ...", points at its record."""
+    """A JSON list or a JSONL file -> [(where, dict)] for errors written f"{path}:{where}: ...": the line in a
+    JSONL file, "LINE (record I)" in a JSON list (a LLaVA list may hold 100k records on one line)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")

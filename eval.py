@@ -2,7 +2,8 @@
 
 Each model answers every question of the eval file with fixed decoding (greedy by default; the reference's T=0.2
 sampling as an option, SPEC 3), scored against the ground truth: exact match after normalisation, slot F1 for
-descriptions, word F1 for records without one of the world's types (free-form answers, e.g. Video-ChatGPT's). A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
+descriptions, word F1 for records without one of the world's types (free-form answers, e.g. Video-ChatGPT's).
+A 'prior' row answers the most frequent TRAINING answer of each question type: every number has a floor.
 
 With --benchmark, the models also answer the Video-ChatGPT benchmark (correctness, detail, context, temporal,
 consistency; 0-5) and zero-shot QA (accuracy, score) from the official files (SPEC 4), scored by a judge: `rule`

@@ -659,8 +659,7 @@ def init_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     if not dist.is_initialized():  # once per process (a test runs several stages in one)
-        # 2 hours, not PyTorch's 10 (NCCL) or 30 (gloo) minutes: ranks wait in a collective while rank 0 alone
-        # writes a 7B model's resume point or judges a benchmark (a deadlock surfaces late, but surfaces)
+        # 2 hours, not 10 (NCCL) or 30 (gloo) minutes: the others wait while rank 0 writes a 7B resume point
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
         # at exit, free gloo's finished work while Python is whole (else a rank aborted 2 runs in 16; 0 in 30 now)
         atexit.register(lambda: (dist.destroy_process_group(), gc.collect()))
@@ -676,9 +675,8 @@ def all_sum(x, device):
 
 
 def check_same(x, device, what):
-    """Every rank must hold the same number, e.g. the step it resumes from: a node that cannot see --out's
-    resume.pt would start over while the others resume, and their collectives would pair up wrongly. All
-    ranks see the same sums, so all of them raise."""
+    """Every rank must hold the same number x, e.g. the resume step (a node that cannot see --out's resume.pt
+    would start over, its collectives paired up wrongly). Every rank sees the same sums, so all of them raise."""
     total, squares, n = all_sum([x, x * x, 1], device).tolist()
     if squares * n != total * total:  # equality in Cauchy-Schwarz: only when every x is the same
         raise ValueError(f"the ranks disagree on {what} (mean {total / n:g}, this rank {x}); "
