@@ -185,8 +185,11 @@ def test_generate_runs_one_forward_per_new_token():
     model.cfg.eos_token_id = 10_000  # an id no token has: never stops early
     passes = []
     model.llm.norm.register_forward_hook(lambda *_: passes.append(1))
-    resp, _ = model.generate(*prompts_with_video(model.cfg, [3, 7]), max_new_tokens=6, temperature=1.0)
+    resp, logp = model.generate(*prompts_with_video(model.cfg, [3, 7]), max_new_tokens=6, temperature=1.0)
     assert resp.shape == (2, 6) and len(passes) == 6
+    # sampled under inference mode, returned as normal tensors: a training forward on them can backpropagate
+    assert not resp.is_inference() and not logp.is_inference()
+    model.logits(model(resp, torch.ones_like(resp))).sum().backward()
 
 
 def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
