@@ -227,7 +227,8 @@ def perturb(qtype, question, answer, rng):
         return b if answer == a else a
     if qtype == "describe":  # one fact changed, in the world's own grammar: no slip that gives it away unread
         obj, named = re.search(_OBJ, answer), re.findall(_OBJ, answer)
-        colours, shapes = [c for c in COLOURS if c not in {c for c, _ in named}], [s for s in SHAPES if s not in {s for _, s in named}]
+        used_colours, used_shapes = {c for c, _ in named}, {s for _, s in named}  # each unique in a scene
+        colours, shapes = [c for c in COLOURS if c not in used_colours], [s for s in SHAPES if s not in used_shapes]
         moves = [f"moves {d}" for d in DIRECTIONS if d != "still"] + ["stays still"]
         local = random.Random(answer)  # draws of its own: the world's stream (and so every split) stays as it was
         while True:
@@ -249,7 +250,8 @@ def perturb(qtype, question, answer, rng):
                         objects.append([x])
                 k = max(0, n - len(objects))
                 new = [[f"A {c} {s} {local.choice(moves)}."] for c, s in zip(local.sample(colours, k), local.sample(shapes, k))]
-                wrong = " ".join([f"The video shows {NUMBERS[n]} object{'s' * (n > 1)}."] + sum((new + objects)[:n], []))
+                kept = [x for o in (new + objects)[:n] for x in o]
+                wrong = " ".join([f"The video shows {NUMBERS[n]} object{'s' * (n > 1)}."] + kept)
             if wrong != answer:
                 return wrong
     pools = {"colour": list(COLOURS), "shape": SHAPES, "direction": list(DIRECTIONS), "count": NUMBERS[1:],
