@@ -650,6 +650,13 @@ def for_training(model: VideoLLM, device, bf16=False, compile=False, grad_ckpt=F
     return (torch.compile(model) if compile else model), autocast
 
 
+def gpu_peak_gb(device) -> dict:
+    """{"gpu_peak_gb": the most GPU memory tensors have held so far} for a metrics line on CUDA; {} elsewhere."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu_peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
+
+
 # ----------------------------------------------------------------------------- data parallel (torchrun)
 def init_distributed():
     """Under torchrun (WORLD_SIZE set): join the process group (NCCL on GPU, gloo on CPU) and take this rank's

@@ -355,7 +355,7 @@ def main(a: Args):
         vids = torch.stack([videos[str(prompts[i]["video"])] for i in idx]).to(device)  # (B, F, 3, H, W)
         with autocast():
             batch = rollout(policy, ref, value_model, query_ids, vids, a, gen)
-        mask = batch["mask"]  # (B, N)
+        mask, rollout_seconds = batch["mask"], time.time() - t0  # (B, N)
 
         # 2. score: normalised with the RM's own statistics, then the no-EOS and length penalties
         with autocast():
@@ -392,7 +392,8 @@ def main(a: Args):
                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "ratio_max"},
                "ratio_max": max(s["ratio_max"] for s in stats),
                "explained_variance": explained_variance, "kl_coef": kl_coef, "lr": lr, "minibatch_steps": len(stats),
-               "sampler_logprob_gap": batch["sampler_logprob_gap"], "seconds": time.time() - t0}
+               "sampler_logprob_gap": batch["sampler_logprob_gap"], "rollout_seconds": rollout_seconds,
+               "seconds": time.time() - t0, **M.gpu_peak_gb(device)}
         rec = {k: round(float(v), 6) if k != "iteration" else v for k, v in rec.items()}
         if a.target_kl:
             kl_coef = adaptive_kl_coef(kl_coef, kl, a.target_kl, B * world, a.kl_horizon)

@@ -254,7 +254,8 @@ def main(a: Args):
         stage_loss.append(value)
         rec = {"step": step, "stage": stage, "loss": round(value, 5), "lr": opt.param_groups[0]["lr"],
                "grad_norm": round(float(grad_norm), 4), "answer_tokens": int(n_all),
-               "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
+               "tokens_per_s": round(n_tokens / (time.time() - t0), 1), "seconds": round(time.time() - t0, 3),
+               **M.gpu_peak_gb(device)}
         if rank > 0:
             continue  # logs and checkpoints are rank 0's
         with open(metrics_file, "a") as f:

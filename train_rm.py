@@ -226,7 +226,7 @@ def main(a: Args):
         opt.step()
         step += 1
         rec = {"step": step, "epoch": epoch, "loss": round(value, 5), "acc": correct / n,
-               "grad_norm": round(float(grad_norm), 4), "lr": a.lr}
+               "grad_norm": round(float(grad_norm), 4), "lr": a.lr, **M.gpu_peak_gb(a.device)}
         epoch_end = step == len(batches) or batches[step][0] != epoch
         if epoch_end:  # 4. held-out accuracy after every epoch (every rank scores a share)
             evals.append(evaluate(step, epoch))
