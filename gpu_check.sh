@@ -17,8 +17,9 @@ DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))
 mkdir -p "$OUT/logs"
 if [ "${MINI:-0}" = 1 ]; then  # toy size: checks the commands, not the speed
     BIG="--hidden 32 --layers 2 --heads 4 --kv_heads 2 --vision_hidden 32 --vision_layers 2"; N_SFT=8; N_RL=4; ITERS=2; ROLL=4
+    TINY_ARGS=("SFT_ARGS=--epochs_short 1 --epochs_long 1" "PPO_ARGS=--iterations 2" "EVAL_ARGS=--best_of 2")
 else
-    BIG="--hidden 2048 --layers 22 --heads 32 --kv_heads 4 --vision_hidden 256 --vision_layers 4"; N_SFT=256; N_RL=64; ITERS=3; ROLL=32
+    BIG="--hidden 2048 --layers 22 --heads 32 --kv_heads 4 --vision_hidden 256 --vision_layers 4"; N_SFT=256; N_RL=64; ITERS=3; ROLL=32; TINY_ARGS=()
 fi
 
 # step NAME SECONDS COMMAND...: run COMMAND with at most SECONDS (and never past the deadline); log and status kept
@@ -55,7 +56,7 @@ step sft_1b_lora 120 $PY sft.py $BIG --train "$OUT/sft_part.jsonl" --video_root 
 rm -rf "$OUT"/*_1b*/model  # 4-GB checkpoints: not needed past this point
 
 # 2. the tiny default pipeline; make skips finished stages, so a second call continues it
-step tiny_pipeline 480 make PY="$PY" RUN="$OUT/tiny" WORLD="$WORLD" "$OUT/tiny/results.json"
+step tiny_pipeline 480 make PY="$PY" RUN="$OUT/tiny" WORLD="$WORLD" "${TINY_ARGS[@]}" "$OUT/tiny/results.json"
 cp "$OUT/tiny/results.json" "$OUT/tiny_results.json" 2>/dev/null
 
 # 3. torch.compile on the 1B full fine-tune (compiles again as batch shapes change; a minute even at the toy size)

@@ -26,10 +26,11 @@ def test_gpu_check_runs_every_step_at_a_toy_size(tmp_path):
     for line in ("sft_1b: 2 steps", "sft_1b_lora: 2 steps", "rm_1b: ", "prefs_1b: 4 prompts", "ppo_1b: ",
                  "tiny pipeline seconds: eval", "tiny pipeline accuracy: prior"):
         assert line in summary, summary
-    # make was given RUN and WORLD, and passed both on to every stage (none read runs/tiny or data/shapes)
+    # make was given RUN and WORLD, and passed both on to every stage (none read runs/tiny or data/shapes),
+    # and each stage its *_ARGS (MINI shortens the pipeline: PPO_ARGS="--iterations 2")
     ppo_args = json.loads((out / "tiny" / "ppo" / "config.json").read_text())
-    assert (ppo_args["sft"], ppo_args["rm"], ppo_args["prompts"]) == \
-        (str(out / "tiny" / "sft" / "model"), str(out / "tiny" / "rm" / "model"), str(world / "rl.jsonl"))
+    assert (ppo_args["sft"], ppo_args["rm"], ppo_args["prompts"], ppo_args["iterations"]) == \
+        (str(out / "tiny" / "sft" / "model"), str(out / "tiny" / "rm" / "model"), str(world / "rl.jsonl"), 2)
     assert json.loads((out / "tiny" / "rm" / "config.json").read_text())["sft"] == str(out / "tiny" / "sft" / "model")
 
 
