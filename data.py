@@ -608,7 +608,7 @@ def _judge_example(id, rng, qa, context, video):
     first = rng.random() < 0.5
     prompt = judge_prompt(q, *((ans, wrong) if first else (wrong, ans)), context=context)
     # the judge replies with the better answer itself, not its letter: make_prefs.py reads the verdict from
-    # the judge's likelihood of each answer (the letter was at chance after 1,000 steps; README)
+    # the judge's likelihood of each answer (the letter was at chance after 1,000 steps; EXPERIMENTS.md)
     return _conv(id, video, [(prompt, ans)], type="judge" if context else "judge_nocontext")
 
 

@@ -32,7 +32,7 @@ class Args:
     out: str = "runs/tiny/prefs_gt"  # run folder
     context: str = "gt"  # gt = the prompt's description | self = the SFT model's clip descriptions | none
     n_clips: int = 3  # self context: consecutive clips described and concatenated (SPEC 3: 3 worked best)
-    k: int = 6  # answers per prompt, judged in pairs (0,1), (2,3), ... (SPEC 3: 2; 3 pairs: a better RM, README)
+    k: int = 6  # answers per prompt, judged in pairs (0,1), (2,3), ... (SPEC 3: 2; 3 pairs: a better RM, EXPERIMENTS.md)
     temperature: float = 1.0  # answer sampling temperature (SPEC 3: PPO samples at 1.0 too)
     top_p: float = 1.0  # nucleus sampling for the answers
     max_new_tokens: int = 64  # per answer and per clip description (a world description is ~40 tokens)
@@ -151,7 +151,7 @@ def prob_a(judge, tok, users, answers_a, answers_b, videos):
     """P(A is better) for each judging turn. The judge was trained to reply with the better answer itself
     (data.CRITERIA), so its verdict is its likelihood of replying with A's text against B's, softmax over the
     two -> (N,). (Replying with the letter was at chance for the tiny model, reading the answer is learned:
-    README.)"""
+    EXPERIMENTS.md.)"""
     lp_a, lp_b = reply_logprobs(judge, tok, users, [answers_a, answers_b], videos)
     return torch.sigmoid(lp_a - lp_b).cpu()
 

@@ -278,7 +278,7 @@ class VideoLLM(nn.Module):
         keep unit scale at any width, and the projections that write into a residual stream are scaled by
         1/sqrt(2 * layers) (GPT-2). GPT-2/LLaMA's fixed std 0.02 is that only near width 2,500: at our 64-128 the
         video tokens of different clips then differed by std 0.002 and the tiny model never learned from the
-        video (README, "Where the tiny model gets stuck"). Embeddings keep std 0.02."""
+        video (EXPERIMENTS.md, "Where the tiny model gets stuck"). Embeddings keep std 0.02."""
         depth = {"vision.": self.cfg.vision.layers_used, "llm.": self.cfg.llm.num_layers}
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):

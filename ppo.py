@@ -41,7 +41,7 @@ class Args:
     ppo_epochs: int = 2  # passes over each rollout batch (SPEC 3: 2)
     max_new_tokens: int = 40  # answer budget; the world's longest answer is 32 tokens (SPEC 3: 896)
     temperature: float = 1.0  # sampling temperature; logprobs are recomputed with the same scaling (SPEC 3, 5)
-    kl_coef: float = 1.0  # beta of the per-token KL penalty (SPEC 3: 0.1; on the tiny world 0.1 let PPO collapse onto the RM's answer biases, -5 points, README)
+    kl_coef: float = 1.0  # beta of the per-token KL penalty (SPEC 3: 0.1; on the tiny world 0.1 let PPO collapse onto the RM's answer biases, -5 points, EXPERIMENTS.md)
     target_kl: float = 0.0  # > 0: adapt kl_coef towards this KL per answer (Ziegler et al. 2019); 0 = fixed
     kl_horizon: int = 10000  # adaptive controller's horizon, in answers (Ziegler et al.: 10000)
     clamp_kl: bool = True  # clamp the per-token KL estimate at 0 (SPEC 3: the reference does)

@@ -34,7 +34,7 @@ class Args:
     oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
     holdout: float = 0.1  # held-out fraction of pairs, split by video; capped by max_holdout (smaller wins)
     max_holdout: int = 500  # SPEC 3: 500 held out in the reference
-    min_confidence: float = 0.8  # train on pairs the judge is this sure of (0.5 = all; >= 0.8: 86% right vs 76%, README)
+    min_confidence: float = 0.8  # train on pairs the judge is this sure of (0.5 = all; >= 0.8: 86% right vs 76%, EXPERIMENTS.md)
     epochs: int = 2  # SPEC 3: 1 epoch on ~40k pairs; our set is small
     batch_size: int = 16  # pairs per step (SPEC 3)
     lr: float = 1e-4  # constant, no schedule (SPEC 3: 2e-5 with LoRA on a 13B; the tiny model needs more)

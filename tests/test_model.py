@@ -137,7 +137,7 @@ def test_pooling_after_projector_temporal_then_spatial():
 
 def test_from_scratch_init_lets_the_video_through():
     """At init, video tokens of different clips must differ on the scale of a text embedding (std 0.02): with
-    every weight at std 0.02 they differed by ~0.002 and the tiny model never learned from the video (README)."""
+    every weight at std 0.02 they differed by ~0.002 and the tiny model never learned from the video (EXPERIMENTS.md)."""
     model = tiny_model()
     videos = torch.randn(8, model.cfg.num_frames, 3, 16, 16)
     with torch.no_grad():
