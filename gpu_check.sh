@@ -15,6 +15,7 @@ PY=${PY:-python3}
 WORLD=${WORLD:-data/shapes}
 DEADLINE=$(( $(date +%s) + ${BUDGET:-540} ))
 mkdir -p "$OUT/logs"
+command -v make > /dev/null || PATH="$PATH:$PWD/.bin"  # an image without make: carry one in .bin (README)
 if [ "${MINI:-0}" = 1 ]; then  # toy size: checks the commands, not the speed
     BIG="--hidden 32 --layers 2 --heads 4 --kv_heads 2 --vision_hidden 32 --vision_layers 2"; N_SFT=8; N_RL=4; ITERS=2; ROLL=4
     TINY_ARGS=("SFT_ARGS=--epochs_short 1 --epochs_long 1" "PPO_ARGS=--iterations 2" "EVAL_ARGS=--best_of 2")

@@ -209,10 +209,17 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
-        # grouped-query attention: query head i uses kv head i // (n_heads / n_kv), as HF's repeat_kv, but SDPA groups
-        # without copying the cache per query head (profiled: that copy was 40% of the tiny model's sampling time)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).flatten(2))
+        return self.o_proj(attention(q, k, v, mask, expand_kv=q.is_cuda).transpose(1, 2).flatten(2))
+
+
+def attention(q, k, v, mask, expand_kv: bool):  # q (B, H, T, hd), k and v (B, Hkv, S, hd), mask (B, 1, T, S) -> (B, H, T, hd)
+    """Grouped-query attention: query head i uses key/value head i // (H / Hkv), as HF's repeat_kv. SDPA groups the
+    heads without copying them (on CPU, copying the cache per query head was 40% of the tiny model's sampling time,
+    profiled), but CUDA's fused kernels take a mask or grouped heads, not both: given both, SDPA falls back to its
+    slow math kernel (PyTorch PR 181528). So on CUDA (expand_kv) the key/value heads are repeated first."""
+    if expand_kv and k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class LlamaMLP(nn.Module):

@@ -224,11 +224,14 @@ def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
                           entropy=entropy_from_logits(logits, a.temperature),
                           values=value_model.values(answer_hidden(value_model, *args)).float()))
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    gap = float(((out["logprobs"] - sampler_logprobs).abs() * mask).max())
-    if gap > (0.1 if a.bf16 else 1e-3):  # both are log_softmax(logits / T) of the same tokens; fp32 agrees to
-        # ~1e-5; in bf16 the cached and the full forward round differently (a loose bound, not measured on GPU)
-        raise RuntimeError(f"sampler and recomputed logprobs differ by {gap:.2g}: padding, positions or "
-                           "temperature differ between generate and the training forward")
+    diff = (out["logprobs"] - sampler_logprobs).abs() * mask  # both are log_softmax(logits / T) of the same tokens
+    gap, mean_gap = float(diff.max()), float(diff.sum() / mask.sum().clamp(min=1))
+    # fp32 agrees to ~1e-5 on every token. bf16 rounds the cached and the full forward differently (max 0.03 on
+    # CPU, unmeasured on GPU), so there only the mean is checked: a padding, position or temperature bug moves
+    # every token's logprob, by far more than 0.05
+    if (mean_gap > 0.05) if a.bf16 else (gap > 1e-3):
+        raise RuntimeError(f"sampler and recomputed logprobs differ by {gap:.2g} at most, {mean_gap:.2g} on average: "
+                           "padding, positions or temperature differ between generate and the training forward")
     return dict(input_ids=ids, attention_mask=attention_mask, responses=responses, mask=mask, videos=videos,
                 sampler_logprob_gap=gap, **out)
 

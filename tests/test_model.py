@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, load_hf_clip_vision,
+from model import (LLMConfig, LoRALinear, VideoLLM, VisionConfig, VLMConfig, add_lora, attention, load_hf_clip_vision,
                    load_hf_llama, load_pretrained, map_hf_key, merge_lora, sample_top_p, save_pretrained)
 from ppo import lora_disabled
 from sft import resize_vocab
@@ -133,6 +133,19 @@ def test_pooling_after_projector_temporal_then_spatial():
     assert not torch.allclose(out[:, :F_], rev[:, :F_])  # temporal tokens follow frame order
     assert torch.allclose(out[:, :F_].flip(1), rev[:, :F_], atol=1e-6)
     assert torch.allclose(out[:, F_:], rev[:, F_:], atol=1e-6)  # spatial tokens are a mean over frames
+
+
+def test_attention_with_repeated_kv_heads_equals_grouped_sdpa():
+    """The CUDA path (key/value heads repeated before SDPA, HF's repeat_kv) computes what the CPU path (SDPA's
+    own grouping) does, under a causal + padding mask: query head i reads key/value head i // 2."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., -1] = True
+    grouped, repeated = attention(q, k, v, mask, expand_kv=False), attention(q, k, v, mask, expand_kv=True)
+    assert torch.allclose(grouped, repeated, atol=1e-6)
+    by_hand = F.scaled_dot_product_attention(q[:, 2:3], k[:, 1:2], v[:, 1:2], attn_mask=mask)  # query head 2 -> kv head 1
+    assert torch.allclose(repeated[:, 2:3], by_hand, atol=1e-6)
 
 
 def test_from_scratch_init_lets_the_video_through():

@@ -156,6 +156,33 @@ def rollout_inputs(a, tok, n_video_tokens):  # the first 4 prompts: query token 
     return query_ids, torch.stack([data.load_video(p["video"], 4, 48) for p in prompts])
 
 
+def test_rollout_stops_when_sampler_and_recomputed_logprobs_disagree(world, tmp_path, monkeypatch):
+    """A sampler whose logprobs are off by a bug (here: all shifted by 0.2) stops the rollout in fp32 and in bf16;
+    bf16's rounding (one token off by 0.3, the mean far below 0.05) does not stop it, fp32 would."""
+    a = tiny_args(world, tmp_path, max_new_tokens=8)
+    policy, value_model = M.load_pretrained(a.sft, kind="policy"), M.load_pretrained(a.rm, kind="reward", new_head="value")
+    query_ids, videos = rollout_inputs(a, data.load_tokenizer(a.sft), policy.cfg.n_video_tokens)
+    generate = policy.generate
+
+    def off_by(shift, first_only):
+        def patched(*args, **kw):
+            responses, logprobs = generate(*args, **kw)
+            bump = torch.zeros_like(logprobs)
+            bump[0, 0] = shift
+            return responses, logprobs + (bump if first_only else shift * (logprobs != 0))
+        return patched
+    for bf16, shift, first_only, fails in [(False, 0.2, False, True), (True, 0.2, False, True),
+                                           (True, 0.3, True, False), (False, 0.3, True, True)]:
+        monkeypatch.setattr(policy, "generate", off_by(shift, first_only))
+        args = (policy, policy, value_model, query_ids, videos, ppo.Args(**{**vars(a), "bf16": bf16}),
+                torch.Generator().manual_seed(0))
+        if fails:
+            with pytest.raises(RuntimeError, match="sampler and recomputed logprobs differ"):
+                ppo.rollout(*args)
+        else:
+            assert ppo.rollout(*args)["sampler_logprob_gap"] == pytest.approx(0.3, abs=1e-4)
+
+
 def test_first_ppo_step_has_ratio_one(world, tmp_path):
     """Through the real functions: a rollout, its scores, rewards and advantages, then one PPO step. The
     policy that sampled is the policy being trained, so the ratio is 1, nothing is clipped, the KL is 0."""
