@@ -494,9 +494,10 @@ def _video_path(r, path, n, video_root=None):
     return v
 
 
-def read_conversations(path, video_root=None):
+def read_conversations(path, video_root=None, check_videos=True):
     """LLaVA-style records {id, video|images, conversations: [{from: human|gpt, value}, ...]} ->
-    dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}."""
+    dicts {id, video (path or None), turns: [(user, assistant), ...], type, ...extra fields}.
+    check_videos=False: answers only (eval's prior), video paths kept as written and not looked for."""
     out = []
     for i, (n, r) in enumerate(read_records(path)):
         _need(path, n, r, ["conversations"], "conversation")
@@ -507,7 +508,7 @@ def read_conversations(path, video_root=None):
         if any(not isinstance(c.get("value"), str) or not c["value"].strip() for c in conv):
             raise ValueError(f"{path}:{n}: every turn needs a non-empty string 'value'")
         turns = [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
-        video = _video_path(r, path, n, video_root)
+        video = _video_path(r, path, n, video_root) if check_videos else r.get("video") or r.get("images")
         has_tag = any(t in turns[0][0] for t in (VIDEO, "<image>"))
         if video and not has_tag:  # LLaVA puts the placeholder in the first human turn; add it if absent
             turns[0] = (f"{VIDEO}\n{turns[0][0]}", turns[0][1])
@@ -525,6 +526,13 @@ def read_prompts(path, video_root=None):
         _need(path, n, r, ["id", "video", "question"], "prompt")
         out.append({**r, "video": _video_path(r, path, n, video_root)})
     return out
+
+
+def plain_text(text):
+    """Model-written text (a sampled answer, a clip description) made safe to place in a prompt: a placeholder
+    string in it would become a second video slot, which data.encode refuses, so <video> and <image> lose their
+    brackets. A tokenizer with pieces like "<vid" can sample one."""
+    return text.replace(VIDEO, "video").replace("<image>", "image")
 
 
 def question_text(user):

@@ -42,6 +42,7 @@ from model import gather, init_distributed, load_config, load_pretrained
 class Args:
     models: list = field(default_factory=lambda: ["runs/tiny/sft/model"])  # checkpoints; "name=path" names a row
     data: str = "data/shapes/eval.jsonl"  # eval conversations with a `type` per record ("" = benchmark only)
+    video_root: str = ""  # folder the --data file's video paths are relative to ("" = its folder)
     prior_data: str = "data/shapes/sft.jsonl"  # the prior's answers come from TRAINING data ("" = no prior row)
     out: str = "runs/eval"  # results.json, predictions_<name>.jsonl, benchmark_<name>.jsonl, config.json
     temperature: float = 0.0  # 0 = greedy (deterministic); SPEC 3: T=0.2 sampling in the reference
@@ -429,13 +430,13 @@ def main(args):
 
     # 1. load the eval records and the prior's answers (most frequent per type in the TRAINING file;
     # --prior_data "": no prior row, e.g. for a benchmark without our training data)
-    records = data.read_conversations(args.data)[:args.limit or None] if args.data else []
+    records = data.read_conversations(args.data, args.video_root or None)[:args.limit or None] if args.data else []
     if args.data and not records:
         raise ValueError(f"{args.data}: no records to evaluate")
     if bad := next((r for r in records if not r["video"]), None):
         raise ValueError(f"{args.data}: record {bad['id']} has no video; eval asks questions about videos")
     qtypes, truths = [qtype_of(r) for r in records], [r["turns"][-1][1] for r in records]
-    prior = prior_answers(data.read_conversations(args.prior_data)) if args.prior_data else None
+    prior = prior_answers(data.read_conversations(args.prior_data, check_videos=False)) if args.prior_data else None
     items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit) \
         if args.benchmark else []  # read now: a missing benchmark video fails before any generation
     if records:

@@ -26,7 +26,8 @@ import model as M
 
 @dataclass
 class Args:
-    prompts: str = "data/shapes/rl.jsonl"  # RL prompts {id, video, question, type, description}; videos relative to it
+    prompts: str = "data/shapes/rl.jsonl"  # RL prompts {id, video, question, type, description}
+    video_root: str = ""  # folder the prompts' video paths are relative to ("" = the prompt file's folder)
     sft: str = "runs/tiny/sft/model"  # the SFT checkpoint: samples the answers and describes the clips
     judge: str = ""  # "" = the SFT model judges its own answers (SPEC 1); else another checkpoint
     out: str = "runs/tiny/prefs_gt"  # run folder
@@ -118,7 +119,8 @@ def generate_texts(model, tok, users, videos, max_new_tokens, temperature, top_p
     ids, mask = left_padded(tok, users, model.cfg, videos.device)
     resp, _ = model.generate(ids, mask, videos, max_new_tokens, temperature, top_p, generator)
     eos = model.cfg.eos_token_id
-    return [tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip() for r in resp.tolist()]
+    return [data.plain_text(tok.decode(r[:r.index(eos)] if eos in r else r, skip_special_tokens=True).strip())
+            for r in resp.tolist()]
 
 
 def reply_logprobs(model, tok, users, replies, videos):
@@ -176,7 +178,7 @@ def main(a: Args):
     files = {k: out / f"{k}.jsonl" for k in ("prefs", "oracle", "metrics")}
     if a.context not in ("gt", "self", "none") or a.k < 2 or a.k % 2:
         raise ValueError(f"--context must be gt|self|none (got {a.context!r}) and --k even >= 2 (got {a.k})")
-    prompts = data.read_prompts(a.prompts)[:a.limit or None]
+    prompts = data.read_prompts(a.prompts, a.video_root or None)[:a.limit or None]
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{a.prompts}: prompt ids must be unique (they key pairs, the oracle and resume)")
@@ -186,7 +188,7 @@ def main(a: Args):
     truth = {r["id"]: r for _, r in data.read_records(truth_file)} if truth_file.exists() else None
     if truth is not None and (missing := [i for i in ids if i not in truth]):
         raise ValueError(f"{truth_file}: no answer for prompt {missing[0]} (and {len(missing) - 1} more)")
-    root = Path(a.prompts).parent  # prefs keep video paths as rl.jsonl gives them: relative to the data file
+    root = Path(a.video_root or Path(a.prompts).parent)  # prefs keep video paths as rl.jsonl gives them: relative to root
 
     policy = M.load_pretrained(a.sft, kind="policy").to(a.device).eval()
     tok = data.load_tokenizer(a.sft)

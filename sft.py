@@ -41,7 +41,7 @@ class Args:
     vision_layers: int = 3  # from-scratch CLIP depth (the penultimate layer's output is used, SPEC 2)
     image_size: int = 48  # frames are resized to this (the world renders 48x48; CLIP-L/14-336 uses 336)
     patch: int = 12  # ViT patch size: (48 / 12)^2 = 16 spatial tokens
-    frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16)
+    frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16); --init of ours: its own
     lm_text: bool = False  # True: text-only records train on every token (LLM-pretraining style); False: on answers only (the judge reads the description far better: 79% vs 52%, README)
     system: str = "none"  # from scratch: "vicuna" = SPEC 2's system line, "none" = without (halves the tiny model's input; learned faster, measured)
     long_answer_tokens: int = 8  # curriculum: answers longer than this (EOS included) form the second stage
@@ -98,6 +98,9 @@ def build_model(a: Args, tok) -> M.VideoLLM:
         return M.VideoLLM(M.VLMConfig(vision=vision, llm=llm, num_frames=a.frames, system=system, **ids))
     if "llm" in json.load(open(os.path.join(a.init, "config.json"))):  # one of our checkpoints
         m = M.load_pretrained(a.init, kind="policy")
+        if m.cfg.num_frames != a.frames:  # one temporal token per frame: the checkpoint's layout, not a choice here
+            raise ValueError(f"--frames {a.frames}, but {a.init} was trained with {m.cfg.num_frames} frames per video: "
+                             f"pass --frames {m.cfg.num_frames}")
         data.check_tokenizer(tok, m.cfg, a.tokenizer or a.init)
         return m
     m = M.VideoLLM.from_hf(a.init, a.vision or None, a.projector or None, num_frames=a.frames, **ids)

@@ -28,7 +28,7 @@ import model as M
 @dataclass
 class Args:
     prefs: str = "runs/tiny/prefs_gt/prefs.jsonl"  # preference pairs (ours or the reference's layout, SPEC 4)
-    video_root: str = ""  # folder the prefs' video paths are relative to ("" = that of the prompts make_prefs read)
+    video_root: str = ""  # folder the prefs' video paths are relative to ("" = make_prefs' --video_root or prompt folder)
     sft: str = "runs/tiny/sft/model"  # SFT checkpoint the RM starts from (SPEC 3), and its tokenizer
     out: str = "runs/tiny/rm"  # run folder: config.json, metrics.jsonl, summary.json, model/
     oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
@@ -129,7 +129,8 @@ def main(a: Args):
     # (named in the prefs run's config.json; a default like "data/shapes" would read another world's videos
     # silently: every world names them videos/rl_00000.mp4, ...)
     made_by = Path(a.prefs).parent / "config.json"
-    root = a.video_root or (str(Path(json.loads(made_by.read_text())["prompts"]).parent) if made_by.exists() else None)
+    made = json.loads(made_by.read_text()) if made_by.exists() else {}
+    root = a.video_root or made.get("video_root") or (str(Path(made["prompts"]).parent) if made else None)
     prefs = data.read_prefs(a.prefs, root)
     if not prefs:
         raise ValueError(f"{a.prefs}: no preference pairs")

@@ -422,3 +422,17 @@ def test_hf_judge_uses_the_chat_template(hf_judge_dir, monkeypatch):
     ask = ev.hf_ask(str(path), "cpu", max_new_tokens=3)
     assert isinstance(ask("Grade this."), str)
     assert seen == ["USER: Grade this. JUDGE:"]  # without a template: "Grade this.\nReply: "
+
+
+def test_video_root_and_a_prior_that_needs_no_videos(world, tmp_path):
+    """Video-ChatGPT-style files name bare video files: --video_root finds them for --data, and the prior,
+    which reads answers only, never looks for its file's videos (they are elsewhere, or not on this machine)."""
+    shapes = world / "shapes"
+    bare = tmp_path / "eval.jsonl"
+    bare.write_text("".join(json.dumps({**r, "video": r["video"].split("/", 1)[1]}) + "\n"
+                            for _, r in data.read_records(shapes / "eval.jsonl")))
+    (tmp_path / "sft.jsonl").write_text((shapes / "sft.jsonl").read_text())  # its videos/ folder is not here
+    res = ev.main(ev.Args(models=[f"s={world / 'sft'}"], data=str(bare), video_root=str(shapes / "videos"),
+                          prior_data=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "out"), max_new_tokens=4,
+                          limit=4, device="cpu"))
+    assert list(res["models"]) == ["prior", "s"] and res["models"]["s"]["n"] == 4

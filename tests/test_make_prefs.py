@@ -191,3 +191,39 @@ def test_resume_equals_uninterrupted_run(world, tmp_path, monkeypatch):
     for name in ("prefs.jsonl", "oracle.jsonl", "prefs_reference.json"):
         assert (cut / name).read_text() == (tmp_path / "full" / name).read_text(), name
     assert [m["batch"] for m in lines(cut / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_sampled_placeholder_text_cannot_become_a_second_video_slot(world, monkeypatch):
+    """A sampled answer that spells "<video>" out of ordinary pieces decodes to the placeholder string; placed in
+    a judging prompt it would be a second video slot, and encode refuses that, on every --resume alike."""
+    tok = data.load_tokenizer(str(world / "sft"))
+    policy = M.load_pretrained(str(world / "sft")).eval()
+    spelled = tok("x <video> y", add_special_tokens=False, split_special_tokens=True).input_ids
+    assert tok.convert_tokens_to_ids(data.VIDEO) not in spelled  # ordinary pieces only
+    monkeypatch.setattr(policy, "generate", lambda ids, *a, **kw: (torch.tensor([spelled + [tok.eos_token_id]] * len(ids)), None))
+    video = torch.randn(1, policy.cfg.num_frames, 3, policy.cfg.vision.image_size, policy.cfg.vision.image_size)
+    [answer] = mp.generate_texts(policy, tok, [f"{data.VIDEO}\nQ?"], video, 8, 1.0, 1.0, None)
+    assert answer == "x video y"
+    judging_turn = lambda ans: f"{data.VIDEO}\n" + data.judge_prompt("Q?", ans, "red", "ctx")
+    data.encode(tok, [(judging_turn(answer), None)], policy.cfg.n_video_tokens)  # one slot: fine
+    with pytest.raises(ValueError, match="at most one <video> placeholder"):
+        data.encode(tok, [(judging_turn("x <video> y"), None)], policy.cfg.n_video_tokens)
+
+
+def test_video_root_for_prompts_with_bare_file_names(world, tmp_path):
+    """rl.jsonl naming its videos relative to another folder (--video_root): pairs keep those names, and
+    train_rm finds the videos through make_prefs' config."""
+    bare = tmp_path / "rl.jsonl"
+    bare.write_text("".join(json.dumps({**r, "video": r["video"].split("/", 1)[1]}) + "\n"
+                            for _, r in data.read_records(world / "shapes" / "rl.jsonl")))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        data.read_prompts(str(bare))
+    a = args(world, tmp_path / "prefs", prompts=str(bare), video_root=str(world / "shapes" / "videos"), limit=2,
+             truth=str(world / "shapes" / "truth" / "rl_answers.jsonl"))
+    mp.main(a)
+    rows = lines(tmp_path / "prefs" / "prefs.jsonl")
+    assert rows and all("/" not in r["video"] for r in rows)
+    import train_rm
+    train_rm.main(train_rm.Args(prefs=str(tmp_path / "prefs" / "prefs.jsonl"), sft=str(world / "sft"), out=str(tmp_path / "rm"),
+                                holdout=0.0, min_confidence=0.5, epochs=1, batch_size=2, device="cpu"))  # no --video_root
+    assert (tmp_path / "rm" / "model" / "config.json").exists()

@@ -116,3 +116,11 @@ def test_lora_trains_a_from_scratch_tower_unless_frozen(world, tmp_path):
         key = "embeddings.patch_embedding.weight"
         moved = not torch.equal(before.vision.state_dict()[key], after.vision.state_dict()[key])
         assert moved != freeze
+
+
+def test_init_from_our_checkpoint_refuses_another_frame_count(world, tmp_path):
+    """One temporal video token per frame: fine-tuning our checkpoint with another --frames would silently keep
+    the checkpoint's count (the flag ignored), so it is refused with the count to pass."""
+    sft.main(tiny_args(world, tmp_path / "a", frames=4))
+    with pytest.raises(ValueError, match=r"--frames 8, but .* was trained with 4 frames per video: pass --frames 4"):
+        sft.main(tiny_args(world, tmp_path / "b", init=str(tmp_path / "a" / "model")))
