@@ -3,7 +3,7 @@
 #   bash gpu_check.sh OUT             # on a CUDA machine; PY=python3 unless set
 #   MINI=1 bash gpu_check.sh OUT      # the same steps at a toy size on CPU (tests/test_gpu_check.py runs this)
 # 1. a ~1B-parameter model (TinyLlama-1.1B's LLM shape: width 2048, 22 layers, 32 query / 4 key-value heads) from
-#    scratch on tiny-world data, a few steps of every stage in bf16: sft (full fine-tune), make_prefs, train_rm,
+#    scratch on tiny-world data, a few steps of every stage (bf16; make_prefs has no bf16): sft (full fine-tune), make_prefs, train_rm,
 #    ppo, then sft with SPEC 3's LoRA recipe (r=32, tower frozen, gradient checkpointing). Each stage's
 #    metrics.jsonl holds its tokens/s, seconds and peak GPU memory.
 # 2. the tiny default pipeline (make reproduce) on the GPU, in the time left; its stages' seconds.
