@@ -529,9 +529,8 @@ def read_prompts(path, video_root=None):
 
 
 def plain_text(text):
-    """Model-written text (a sampled answer, a clip description) made safe to place in a prompt: a placeholder
-    string in it would become a second video slot, which data.encode refuses, so <video> and <image> lose their
-    brackets. A tokenizer with pieces like "<vid" can sample one."""
+    """Model-written text (a sampled answer, a clip description) made safe to place in a prompt: a sampled
+    "<video>" or "<image>" would be a second video slot, which data.encode refuses."""
     return text.replace(VIDEO, "video").replace("<image>", "image")
 
 

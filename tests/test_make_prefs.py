@@ -11,6 +11,7 @@ import data
 import model as M
 from conftest import tiny_world
 import make_prefs as mp
+import train_rm
 
 torch.set_num_threads(1)
 
@@ -223,7 +224,6 @@ def test_video_root_for_prompts_with_bare_file_names(world, tmp_path):
     mp.main(a)
     rows = lines(tmp_path / "prefs" / "prefs.jsonl")
     assert rows and all("/" not in r["video"] for r in rows)
-    import train_rm
     train_rm.main(train_rm.Args(prefs=str(tmp_path / "prefs" / "prefs.jsonl"), sft=str(world / "sft"), out=str(tmp_path / "rm"),
                                 holdout=0.0, min_confidence=0.5, epochs=1, batch_size=2, device="cpu"))  # no --video_root
     assert (tmp_path / "rm" / "model" / "config.json").exists()
