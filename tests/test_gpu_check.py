@@ -24,7 +24,8 @@ def test_gpu_check_runs_every_step_at_a_toy_size(tmp_path):
     assert [line.split(":")[0] for line in status] == ["sft_1b", "prefs_1b", "rm_1b", "ppo_1b", "sft_1b_lora", "tiny_pipeline"]
     summary = (out / "summary.txt").read_text()
     for line in ("sft_1b: 2 steps", "sft_1b_lora: 2 steps", "rm_1b: ", "prefs_1b: 4 prompts", "ppo_1b: ",
-                 "tiny pipeline seconds: eval", "tiny pipeline accuracy: prior"):
+                 "tiny pipeline seconds: eval", "tiny pipeline judge agreement with the oracle: gt",
+                 "tiny pipeline RM held out: ", "tiny pipeline accuracy: prior"):
         assert line in summary, summary
     # make was given RUN and WORLD, and passed both on to every stage (none read runs/tiny or data/shapes),
     # and each stage its *_ARGS (MINI shortens the pipeline: PPO_ARGS="--iterations 2")
