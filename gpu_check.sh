@@ -45,8 +45,10 @@ head -n "$N_SFT" "$WORLD/sft.jsonl" > "$OUT/sft_part.jsonl"  # video paths stay 
 # 1. the ~1B model through every stage
 step sft_1b 150 $PY sft.py $BIG --train "$OUT/sft_part.jsonl" --video_root "$WORLD" --tokenizer "$WORLD/tokenizer" \
     --epochs_short 1 --epochs_long 1 --lr 1e-4 --bf16 true --out "$OUT/sft_1b" &&
+# answers of at most 24 tokens: the barely trained model rarely stops, and two 64-token answers with the context
+# would not fit its 320-position window (46 of 64 judging turns did not, in the first H100 run)
 step prefs_1b 90 $PY make_prefs.py --prompts "$WORLD/rl.jsonl" --limit "$N_RL" --k 2 --sft "$OUT/sft_1b/model" \
-    --out "$OUT/prefs_1b" &&
+    --max_new_tokens 24 --out "$OUT/prefs_1b" &&
 step rm_1b 90 $PY train_rm.py --prefs "$OUT/prefs_1b/prefs.jsonl" --sft "$OUT/sft_1b/model" --min_confidence 0.5 \
     --epochs 1 --batch_size 8 --bf16 true --out "$OUT/rm_1b" &&
 step ppo_1b 150 $PY ppo.py --prompts "$WORLD/rl.jsonl" --sft "$OUT/sft_1b/model" --rm "$OUT/rm_1b/model" \

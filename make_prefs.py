@@ -86,6 +86,7 @@ def summarize(prefs, oracle, metrics):
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     out = {"n_prompts": sum(m["n_prompts"] for m in metrics), "n_pairs": n,
            "n_dropped_identical": sum(m["n_dropped_identical"] for m in metrics),
+           "n_dropped_too_long": sum(m.get("n_dropped_too_long", 0) for m in metrics),  # the judge's context
            "preference_1_rate": mean([p["preference"] == 1 for p in prefs]),
            "mean_confidence": mean([p["confidence"] for p in prefs]),
            # position bias: how often the two orders pick different answers, and the mean P(first shown)
@@ -147,6 +148,14 @@ def reply_logprobs(model, tok, users, replies, videos):
         logp = model.logits(hidden).float().log_softmax(-1).gather(-1, reply[..., None]).squeeze(-1)  # (B, N)
         out.append((logp * reply_mask).sum(-1))
     return torch.stack(out)
+
+
+def judge_fits(judge, tok, question, answer_1, answer_2, context):
+    """Whether the judging turn and either reply fit the judge's context window (the other order has the same
+    tokens). Past it RoPE runs on at positions never trained: a long pair gets no verdict rather than garbage."""
+    user = f"{data.VIDEO}\n" + data.judge_prompt(question, answer_1, answer_2, context)
+    return max(len(data.encode(tok, [(user, r)], judge.cfg.n_video_tokens, system=judge.cfg.system)[0])
+               for r in (answer_1, answer_2)) <= judge.cfg.llm.max_position_embeddings
 
 
 def prob_a(judge, tok, users, answers_a, answers_b, videos):
@@ -260,6 +269,9 @@ def main(a: Args):
             # 2. context: the world's description, the model's own clip descriptions, or none (ablation)
             ctx = [None if a.context == "none" else p["description"] if a.context == "gt" else describe(p["video"])
                    for p, *_ in pairs]
+            fit = [judge_fits(judge, jtok, p["question"], a1, a2, c)  # else: no verdict (counted)
+                   for (p, _, a1, a2), c in zip(pairs, ctx)]
+            pairs, ctx = [x for x, ok in zip(pairs, fit) if ok], [c for c, ok in zip(ctx, fit) if ok]
             # 3. judge with context, in both orders: answer_1 shown as A, then answer_2 shown as A
             p_a = torch.empty(0, 2)
             if pairs:
@@ -283,6 +295,7 @@ def main(a: Args):
             append(files["prefs"], rows)
             append(files["oracle"], oracle)
             m = {"batch": b, "n_prompts": len(batch), "n_pairs": len(rows), "n_dropped_identical": n_dropped,
+                 "n_dropped_too_long": fit.count(False),
                  "mean_confidence": round(sum(r["confidence"] for r in rows) / max(1, len(rows)), 4),
                  "seconds": round(time.time() - t0, 2)}
             append(files["metrics"], [m])
@@ -309,8 +322,9 @@ def main(a: Args):
     agree = "no oracle" if truth is None or s["agreement"] is None else \
         f"oracle agreement {100 * s['agreement']:.1f}% on {s['oracle_verdicts']}"
     print(f"make_prefs: {s['n_pairs']} pairs from {s['n_prompts']} prompts ({s['n_dropped_identical']} identical "
-          f"dropped), mean confidence {s['mean_confidence'] or 0:.3f}, orders disagree "
-          f"{100 * (s['orders_disagree'] or 0):.1f}%, {agree}, {s['seconds']:.0f}s -> {files['prefs']}")
+          f"and {s['n_dropped_too_long']} too long for the judge dropped), mean confidence "
+          f"{s['mean_confidence'] or 0:.3f}, orders disagree {100 * (s['orders_disagree'] or 0):.1f}%, {agree}, "
+          f"{s['seconds']:.0f}s -> {files['prefs']}")
     return s
 
 

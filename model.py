@@ -374,6 +374,10 @@ class VideoLLM(nn.Module):
         with torch.inference_mode():  # no autograd bookkeeping at all: 13% more tokens/s than no_grad (tiny, measured)
             B, T = input_ids.shape
             cfg, w = self.cfg, self.lm_head.weight
+            # past the context window RoPE runs at untrained positions (garbage): refuse now, not once an answer runs long
+            if T + max_new_tokens > cfg.llm.max_position_embeddings:
+                raise ValueError(f"a prompt of {T} tokens + max_new_tokens {max_new_tokens} exceed the model's context "
+                                 f"window of {cfg.llm.max_position_embeddings}: shorten the prompt or lower max_new_tokens")
             cache = KVCache(cfg.llm, B, T + max_new_tokens, w.device, w.dtype)
             hidden = self(input_ids, attention_mask, videos, cache)[:, -1]  # (B, D) at every row's last prompt token
             scale = temperature if temperature > 0 else 1.0

@@ -160,6 +160,13 @@ def value_loss(values, old_values, returns, mask, cliprange_value):  # (B, N) ea
     return loss, dict(value_clipfrac=masked_mean((losses_clipped > losses).float(), mask).detach())
 
 
+def explained_variance(values, returns, mask) -> float:  # (B, N) each
+    """1 - Var[returns - values] / Var[returns] over answer tokens: 1 = the value model predicts the returns, 0 =
+    no better than their mean. nan when the returns do not vary (e.g. every answer scored alike): 0/0 then."""
+    var = masked_var(returns, mask)
+    return float("nan") if var < 1e-8 else float(1 - masked_var(returns - values, mask) / var)
+
+
 def adaptive_kl_coef(kl_coef, kl, target_kl, n_answers, horizon):
     """Ziegler et al. (2019): move kl_coef by the relative error of the measured KL per answer, clipped to
     +-20%, scaled by n_answers / horizon: too much KL raises the penalty, too little lowers it."""
@@ -319,6 +326,13 @@ def main(a: Args):
     queries = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], cfg.n_video_tokens, system=cfg.system)[0]
                for p in prompts]
     suffix = data.rm_suffix(tok)
+    # the longest answer, as the RM reads it, must fit both context windows: an error now, not at some iteration
+    longest = max(range(len(queries)), key=lambda i: len(queries[i]))
+    need = len(queries[longest]) + a.max_new_tokens + len(suffix)
+    if need > (window := min(cfg.llm.max_position_embeddings, reward_model.cfg.llm.max_position_embeddings)):
+        raise ValueError(f"{a.prompts}: prompt {prompts[longest].get('id')}: its {len(queries[longest])} tokens (video "
+                         f"included) + --max_new_tokens {a.max_new_tokens} + the RM's evaluation prompt "
+                         f"({len(suffix)}) = {need} exceed the context window of {window}")
     videos = data.load_videos(prompts, cfg.num_frames, cfg.vision.image_size, a.prompts)
     if rank == 0:
         data.start_run(a.out, a, a.resume)
@@ -387,14 +401,14 @@ def main(a: Args):
         # 5. log; then the adaptive KL controller sees this iteration's KL
         mean_all = lambda x: float(M.all_sum(x.mean(), device)) / world  # over every rank's answers
         kl = mean_all(((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(1))  # per answer, unclamped
-        explained_variance = 1 - masked_var(returns - batch["values"], mask) / (masked_var(returns, mask) + 1e-8)
         it += 1
         rec = {"iteration": it, "score": mean_all(scores), "rm_score": mean_all(rm_scores), "kl": kl,  # rest: rank 0's
                "non_score_reward": non_score_rewards.sum(1).mean(), "entropy": masked_mean(batch["entropy"], mask),
                "answer_len": lengths.mean(), "no_eos": 1 - has_eos.float().mean(),
                **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "ratio_max"},
                "ratio_max": max(s["ratio_max"] for s in stats),
-               "explained_variance": explained_variance, "kl_coef": kl_coef, "lr": lr, "minibatch_steps": len(stats),
+               "explained_variance": explained_variance(batch["values"], returns, mask), "kl_coef": kl_coef, "lr": lr,
+               "minibatch_steps": len(stats),
                "sampler_logprob_gap": batch["sampler_logprob_gap"], "rollout_seconds": rollout_seconds,
                "seconds": time.time() - t0, **M.gpu_peak_gb(device)}
         rec = {k: round(float(v), 6) if k != "iteration" else v for k, v in rec.items()}

@@ -143,6 +143,9 @@ def main(a: Args):
               "seqs": [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
                       for i in (1, 2)]}
              for r in prefs]
+    # an input past the context window would be read by RoPE at positions never trained: such pairs are left out
+    fits = [max(map(len, p["seqs"])) <= cfg.llm.max_position_embeddings for p in pairs]
+    pairs, n_too_long = [p for p, ok in zip(pairs, fits) if ok], fits.count(False)
     oracle_file = Path(a.oracle or Path(a.prefs).parent / "oracle.jsonl")
     oracle = {(str(r["id"]), r["pair"]): r["oracle"] for _, r in data.read_records(oracle_file)} \
         if oracle_file.exists() else {}
@@ -186,7 +189,8 @@ def main(a: Args):
                 "heldout_oracle_agreement": accuracy(r1[known], r2[known], truth) if known else None}
 
     print(f"train_rm: {len(train)} training pairs ({len(train_all) - len(train)} below confidence "
-          f"{a.min_confidence}), {len(heldout)} held out ({len(held)} videos), {len(batches)} steps")
+          f"{a.min_confidence}, {n_too_long} too long for the context), {len(heldout)} held out ({len(held)} videos), "
+          f"{len(batches)} steps")
 
     # 3. train with the Bradley-Terry loss
     params = [p for p in model.parameters() if p.requires_grad]
@@ -262,7 +266,8 @@ def main(a: Args):
         os.remove(resume_file)
     last = evals[-1]
     summary = {**{k: last[k] for k in ("n_heldout", "heldout_acc", "n_oracle", "heldout_oracle_agreement")},
-               "n_train": len(train), "n_below_confidence": len(train_all) - len(train), "steps": step,
+               "n_train": len(train), "n_below_confidence": len(train_all) - len(train), "n_too_long": n_too_long,
+               "steps": step,
                "score_mean": mean, "score_std": std, "seconds_this_session": round(time.time() - t0, 1)}
     data.write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(f"train_rm: saved {final} ({step} steps); held-out acc {pct(last['heldout_acc'])}, oracle agreement "

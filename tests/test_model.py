@@ -205,6 +205,16 @@ def test_generate_runs_one_forward_per_new_token():
     model.logits(model(resp, torch.ones_like(resp))).sum().backward()
 
 
+def test_generate_checks_the_context_window_before_any_work():
+    """Past max_position_embeddings RoPE goes on at positions never trained: garbage, so an error instead, before
+    the first token (an answer stopping early at EOS must not hide a budget that cannot fit)."""
+    model = tiny_model(max_position_embeddings=20)
+    ids, mask, videos = prompts_with_video(model.cfg, [3, 7])  # 15 tokens: 1 + 7 video + 7 text
+    model.generate(ids, mask, videos, max_new_tokens=5)  # 15 + 5 = 20: fits
+    with pytest.raises(ValueError, match="15 tokens \\+ max_new_tokens 6 exceed the model's context window of 20"):
+        model.generate(ids, mask, videos, max_new_tokens=6)
+
+
 def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
     model = tiny_model()
     ids, mask, videos = prompts_with_video(model.cfg, [2, 5, 4])

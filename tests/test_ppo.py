@@ -1,6 +1,7 @@
 """ppo.py: the PPO math against plain loops, score placement and penalties, ratio 1 on the first step of a real
 rollout, an end-to-end run, and resume == an uninterrupted run."""
 import json
+import math
 
 import pytest
 import torch
@@ -36,6 +37,20 @@ def test_gae_equals_a_plain_loop():
     adv, _ = ppo.gae(rewards, values, mask, 1.0, 1.0)
     to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
     assert torch.allclose(adv, (to_go - values) * mask, atol=1e-5)
+
+
+def test_explained_variance():
+    torch.manual_seed(0)
+    returns, mask = torch.randn(3, 6), lengths_mask([6, 2, 4], 6)
+    noise = torch.randn(3, 6).masked_fill(mask == 0, 1e6)  # masked positions must not matter
+    real = returns[mask.bool()]
+    assert ppo.explained_variance(returns + (1 - mask) * noise, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((3, 6), real.mean().item()), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    values = returns + 0.5 * noise
+    r, v = real, values[mask.bool()]
+    assert ppo.explained_variance(values, returns, mask) == pytest.approx(1 - (r - v).var().item() / r.var().item(), rel=1e-5)
+    # returns that do not vary: no answer to explain. Before, 0 / 1e-8 logged 1.0 for constant values
+    assert math.isnan(ppo.explained_variance(torch.full((3, 6), -8.0), torch.full((3, 6), -8.0), mask))
 
 
 def test_masked_mean_and_whiten():
@@ -154,6 +169,19 @@ def rollout_inputs(a, tok, n_video_tokens):  # the first 4 prompts: query token 
     prompts = data.read_prompts(a.prompts)[:4]
     query_ids = [data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], n_video_tokens)[0] for p in prompts]
     return query_ids, torch.stack([data.load_video(p["video"], 4, 48) for p in prompts])
+
+
+def test_answers_that_cannot_fit_the_context_window_stop_the_run_before_any_output(world, tmp_path):
+    tok = data.load_tokenizer(str(world / "sft"))
+    n_video = M.load_config(str(world / "sft"))[0].n_video_tokens
+    longest = max(len(data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], n_video)[0])
+                  for p in data.read_prompts(world / "shapes" / "rl.jsonl"))
+    fits = 512 - longest - len(data.rm_suffix(tok))  # the tiny model's 512 positions, the RM's prompt after
+    with pytest.raises(ValueError, match="= 513 exceed the context window of 512"):
+        ppo.main(tiny_args(world, tmp_path / "out", max_new_tokens=fits + 1))
+    assert not (tmp_path / "out").exists()
+    ppo.main(tiny_args(world, tmp_path / "ok", max_new_tokens=fits, iterations=1))  # the longest that fits: runs
+    assert (tmp_path / "ok" / "model" / "config.json").exists()
 
 
 def test_rollout_stops_when_sampler_and_recomputed_logprobs_disagree(world, tmp_path, monkeypatch):

@@ -101,6 +101,16 @@ def test_video_root_must_match_the_prefs_paths(world, tmp_path):
     assert rm.main(args(world, tmp_path / "out", prefs=str(prefs / "prefs.jsonl"), video_root="", epochs=1))["steps"]
 
 
+def test_pairs_past_the_context_window_are_left_out(world, tmp_path):
+    """An RM input longer than max_position_embeddings would be read at positions RoPE never trained on."""
+    prefs = [json.loads(line) for line in open(world / "prefs" / "prefs.jsonl")]
+    prefs[0]["answer_2"] = " ".join(["red"] * 600)  # far past the tiny model's 512 positions
+    (tmp_path / "prefs").mkdir()
+    (tmp_path / "prefs" / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    s = rm.main(args(world, tmp_path / "out", prefs=str(tmp_path / "prefs" / "prefs.jsonl"), epochs=1))
+    assert s["n_too_long"] == 1 and s["n_train"] + s["n_heldout"] + s["n_below_confidence"] == len(prefs) - 1
+
+
 def test_training_normalisation_and_resume(world, tmp_path, monkeypatch):
     s = rm.main(args(world, tmp_path / "full", min_confidence=0.7))
     prefs = data.read_prefs(world / "prefs" / "prefs.jsonl", world / "shapes")
