@@ -46,7 +46,7 @@ head -n "$N_SFT" "$WORLD/sft.jsonl" > "$OUT/sft_part.jsonl"  # video paths stay 
 step sft_1b 150 $PY sft.py $BIG --train "$OUT/sft_part.jsonl" --video_root "$WORLD" --tokenizer "$WORLD/tokenizer" \
     --epochs_short 1 --epochs_long 1 --lr 1e-4 --bf16 true --out "$OUT/sft_1b" &&
 # answers of at most 24 tokens: the barely trained model rarely stops, and two 64-token answers with the context
-# would not fit its 320-position window (46 of 64 judging turns did not, in the first H100 run)
+# may not fit its 320-position window (4 of 64 judging turns did not, in the first H100 run)
 step prefs_1b 90 $PY make_prefs.py --prompts "$WORLD/rl.jsonl" --limit "$N_RL" --k 2 --sft "$OUT/sft_1b/model" \
     --max_new_tokens 24 --out "$OUT/prefs_1b" &&
 step rm_1b 90 $PY train_rm.py --prefs "$OUT/prefs_1b/prefs.jsonl" --sft "$OUT/sft_1b/model" --min_confidence 0.5 \
@@ -104,7 +104,7 @@ if seconds:
     print("tiny pipeline seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
 prefs = {c: json.load(open(p)) for c in ("gt", "self", "none") if (p := out / "tiny" / f"prefs_{c}" / "summary.json").exists()}
 if prefs:
-    print("tiny pipeline judge agreement with the oracle: " + ", ".join(f"{c} {pct(s['agreement'])}" for c, s in prefs.items()))
+    print("tiny pipeline judge agreement with the oracle: " + ", ".join(f"{c} {pct(s.get('agreement'))}" for c, s in prefs.items()))
 if (out / "tiny" / "rm" / "summary.json").exists():
     s = json.load(open(out / "tiny" / "rm" / "summary.json"))
     print(f"tiny pipeline RM held out: {pct(s['heldout_acc'])} of the judge's labels")

@@ -234,21 +234,22 @@ def test_pairs_too_long_for_the_judge_get_no_verdict(world, tmp_path):
     """A judging turn past the judge's context window (RoPE at positions never trained) is dropped and counted;
     the pairs that fit are judged exactly as before. The context is set between the pairs' judging lengths."""
     full = mp.main(args(world, tmp_path / "full", context="none"))
-    tok = data.load_tokenizer(str(world / "sft"))
-    n_video = M.load_config(str(world / "sft"))[0].n_video_tokens
+    tok, cfg = data.load_tokenizer(str(world / "sft")), M.load_config(str(world / "sft"))[0]
     prefs = lines(tmp_path / "full" / "prefs.jsonl")
     length = {(p["id"], p["pair"]): max(len(data.encode(tok, [(f"{data.VIDEO}\n" + data.judge_prompt(
-        p["question"], p["answer_1"], p["answer_2"]), r)], n_video)[0]) for r in (p["answer_1"], p["answer_2"]))
-        for p in prefs}
+        p["question"], p["answer_1"], p["answer_2"]), r)], cfg.n_video_tokens, system=cfg.system)[0])
+        for r in (p["answer_1"], p["answer_2"])) for p in prefs}
     window = sorted(length.values())[len(length) // 2]
     assert min(length.values()) <= window < max(length.values())  # some pairs fit, some do not
     short = tmp_path / "short_context"
     shutil.copytree(world / "sft", short)
-    cfg = json.loads((short / "config.json").read_text())
-    cfg["llm"]["max_position_embeddings"] = window
-    (short / "config.json").write_text(json.dumps(cfg))
+    config = json.loads((short / "config.json").read_text())
+    config["llm"]["max_position_embeddings"] = window
+    (short / "config.json").write_text(json.dumps(config))
     s = mp.main(args(world, tmp_path / "cut", context="none", sft=str(short)))
-    kept = lines(tmp_path / "cut" / "prefs.jsonl")
-    assert kept == [p for p in prefs if length[p["id"], p["pair"]] <= window]
+    kept, want = lines(tmp_path / "cut" / "prefs.jsonl"), [p for p in prefs if length[p["id"], p["pair"]] <= window]
+    fields = ("id", "pair", "answer_1", "answer_2", "preference")  # the same pairs; verdicts up to float rounding
+    assert [[p[k] for k in fields] for p in kept] == [[p[k] for k in fields] for p in want]
+    assert [p["p1"] for p in kept] == pytest.approx([p["p1"] for p in want], abs=1e-5)
     assert s["n_dropped_too_long"] == len(prefs) - len(kept) > 0 and full["n_dropped_too_long"] == 0
     assert s["n_dropped_identical"] == full["n_dropped_identical"]

@@ -172,9 +172,8 @@ def rollout_inputs(a, tok, n_video_tokens):  # the first 4 prompts: query token 
 
 
 def test_answers_that_cannot_fit_the_context_window_stop_the_run_before_any_output(world, tmp_path):
-    tok = data.load_tokenizer(str(world / "sft"))
-    n_video = M.load_config(str(world / "sft"))[0].n_video_tokens
-    longest = max(len(data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], n_video)[0])
+    tok, cfg = data.load_tokenizer(str(world / "sft")), M.load_config(str(world / "sft"))[0]
+    longest = max(len(data.encode(tok, [(f"{data.VIDEO}\n{p['question']}", None)], cfg.n_video_tokens, system=cfg.system)[0])
                   for p in data.read_prompts(world / "shapes" / "rl.jsonl"))
     fits = 512 - longest - len(data.rm_suffix(tok))  # the tiny model's 512 positions, the RM's prompt after
     with pytest.raises(ValueError, match="= 513 exceed the context window of 512"):
