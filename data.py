@@ -15,6 +15,7 @@ import re
 import string
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -416,17 +417,30 @@ def _uniform(n, k, span):
     return np.linspace(first, min(last, n - 1), k).round().astype(int)
 
 
-def load_videos(records, num_frames, size, source):
+def load_videos(records, num_frames, size, source, stream=False):
     """{str(video): (F, 3, H, W)} for the records' videos, each decoded once and up front, so a corrupt or empty
-    video fails before a stage writes anything (the tiny world's videos fit in memory; a real set would stream)."""
+    video fails before a stage writes anything (the tiny world's videos fit in memory). stream=True, for a data set
+    that does not fit (50 frames at 336 px: 68 MB a video): each entry is a function that decodes its video when
+    the batch needing it is built (fetch), so a corrupt one fails there. Either way, a missing file failed earlier
+    (read_conversations, read_prompts, read_prefs)."""
     out = {}
     for r in records:
         if r.get("video") is not None and str(r["video"]) not in out:
-            try:
-                out[str(r["video"])] = load_video(r["video"], num_frames, size)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{source}: record {r.get('id')}: {e}") from None
+            decode = partial(_decode, r["video"], num_frames, size, f"{source}: record {r.get('id')}")
+            out[str(r["video"])] = decode if stream else decode()
     return out
+
+
+def _decode(video, num_frames, size, where):
+    try:
+        return load_video(video, num_frames, size)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def fetch(videos, key):  # one video of load_videos' dict, decoded now if it is streamed
+    video = videos[key]
+    return video() if callable(video) else video
 
 
 def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):

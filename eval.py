@@ -43,6 +43,7 @@ class Args:
     models: list = field(default_factory=lambda: ["runs/tiny/sft/model"])  # checkpoints; "name=path" names a row
     data: str = "data/shapes/eval.jsonl"  # eval conversations with a `type` per record ("" = benchmark only)
     video_root: str = ""  # folder the --data file's video paths are relative to ("" = its folder)
+    stream_videos: bool = False  # decode each video when its batch needs it, not all up front (large data sets)
     prior_data: str = "data/shapes/sft.jsonl"  # the prior's answers come from TRAINING data ("" = no prior row)
     out: str = "runs/eval"  # results.json, predictions_<name>.jsonl, benchmark_<name>.jsonl, config.json
     temperature: float = 0.0  # 0 = greedy (deterministic); SPEC 3: T=0.2 sampling in the reference
@@ -360,7 +361,8 @@ def generate_answers(name, path, records, args, temperature=None, first=0):
     data.check_tokenizer(tok, cfg, path)
     # the same stream for every model; each rank's share its own (the same seed would repeat rank 0's draws)
     generator = torch.Generator(args.device).manual_seed(args.seed * 1_000_003 + first)
-    decoded = data.load_videos(records, cfg.num_frames, cfg.vision.image_size, args.data or args.benchmark)
+    decoded = data.load_videos(records, cfg.num_frames, cfg.vision.image_size, args.data or args.benchmark,
+                               args.stream_videos)
     answers, logps = [], []
     for i in tqdm(range(0, len(records), args.batch_size), desc=name):
         batch = records[i:i + args.batch_size]
@@ -369,7 +371,7 @@ def generate_answers(name, path, records, args, temperature=None, first=0):
                    for r in batch]
         ids = data.pad(prompts, cfg.pad_token_id, left=True)  # left: generation continues every row (SPEC 5)
         mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: correct whatever ids hold
-        videos = torch.stack([decoded[str(r["video"])] for r in batch])  # several questions share a video
+        videos = torch.stack([data.fetch(decoded, str(r["video"])) for r in batch])  # several questions share a video
         resp, logp = model.generate(ids.to(args.device), mask.to(args.device), videos.to(args.device),
                                     args.max_new_tokens, args.temperature if temperature is None else temperature,
                                     generator=generator)
@@ -389,13 +391,14 @@ def best_of_n(name, path, records, args, first=0):
     n, reps = args.best_of, [r for r in records for _ in range(args.best_of)]
     samples, logps = generate_answers(f"{name} x{n}", path, reps, args, temperature=1.0, first=first * n)
     rm, tok = load_pretrained(args.rm, kind="reward").to(args.device).eval(), data.load_tokenizer(args.rm)
-    scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data)
+    scores, decoded = [], data.load_videos(records, rm.cfg.num_frames, rm.cfg.vision.image_size, args.data,
+                                           args.stream_videos)
     for i in range(0, len(reps), args.batch_size):
         batch = list(zip(reps[i:i + args.batch_size], samples[i:i + args.batch_size]))
         seqs = [data.rm_input(tok, data.question_text(r["turns"][-1][0]), a, rm.cfg.n_video_tokens,
                               rm.cfg.system) for r, a in batch]
         ids, mask = data.pad(seqs, rm.cfg.pad_token_id, left=True), data.pad([[1] * len(q) for q in seqs], 0, left=True)
-        videos = torch.stack([decoded[str(r["video"])] for r, _ in batch])
+        videos = torch.stack([data.fetch(decoded, str(r["video"])) for r, _ in batch])
         scores += rm.reward(ids.to(args.device), mask.to(args.device), videos.to(args.device)).tolist()
     extra = load_config(args.rm)[1]
     r = ((torch.tensor(scores) - extra["score_mean"]) / extra["score_std"]).view(-1, n)  # as ppo.py normalises

@@ -32,6 +32,7 @@ import model as M
 class Args:
     prompts: str = "data/shapes/rl.jsonl"  # RL prompts: id, video, question (answers and descriptions unused)
     video_root: str = ""  # folder that video paths are relative to ("" = the prompt file's folder)
+    stream_videos: bool = False  # decode each video when its batch needs it, not all up front (large data sets)
     sft: str = "runs/tiny/sft/model"  # policy init and frozen reference (SPEC 3); its tokenizer is used
     rm: str = "runs/tiny/rm/model"  # frozen reward model, and the value model's init (SPEC 3)
     out: str = "runs/tiny/ppo"  # run folder: config.json, metrics.jsonl, samples.jsonl, model/
@@ -333,7 +334,7 @@ def main(a: Args):
         raise ValueError(f"{a.prompts}: prompt {prompts[longest].get('id')}: its {len(queries[longest])} tokens (video "
                          f"included) + --max_new_tokens {a.max_new_tokens} + the RM's evaluation prompt "
                          f"({len(suffix)}) = {need} exceed the context window of {window}")
-    videos = data.load_videos(prompts, cfg.num_frames, cfg.vision.image_size, a.prompts)
+    videos = data.load_videos(prompts, cfg.num_frames, cfg.vision.image_size, a.prompts, a.stream_videos)
     if rank == 0:
         data.start_run(a.out, a, a.resume)
 
@@ -369,7 +370,7 @@ def main(a: Args):
 
         # 1. rollout
         query_ids = [queries[i] for i in idx]
-        vids = torch.stack([videos[str(prompts[i]["video"])] for i in idx]).to(device)  # (B, F, 3, H, W)
+        vids = torch.stack([data.fetch(videos, str(prompts[i]["video"])) for i in idx]).to(device)  # (B, F, 3, H, W)
         with autocast():
             batch = rollout(policy, ref, value_model, query_ids, vids, a, gen)
         mask, rollout_seconds = batch["mask"], time.time() - t0  # (B, N)

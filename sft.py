@@ -29,6 +29,7 @@ class Args:
                                                  "data/shapes/captions.jsonl"])  # conversation files
     tokenizer: str = "data/shapes/tokenizer"  # HF tokenizer folder ("" = the one in the --init checkpoint)
     video_root: str = ""  # folder that video paths are relative to ("" = each data file's folder)
+    stream_videos: bool = False  # decode each video when its batch needs it, not all up front (large data sets)
     out: str = "runs/tiny/sft"  # run folder: config.json, metrics.jsonl, model/ (the checkpoint)
     init: str = ""  # "" = from scratch; one of our checkpoints; or a HF LLaMA / LLaVA folder
     vision: str = ""  # HF CLIP folder, with a HF --init ("" = a random tiny tower)
@@ -174,12 +175,12 @@ def main(a: Args):
     forward, autocast = M.for_training(model, device, a.bf16, a.compile, a.grad_ckpt)
 
     # 1. data: every conversation tokenized once, with its loss mask; every video decoded once (bad input
-    # fails here, before anything is written)
-    examples, videos = [], {}  # videos: path -> (F, 3, H, W)
+    # fails here, before anything is written; --stream_videos: each video when its batch needs it)
+    examples, videos = [], {}  # videos: path -> (F, 3, H, W), or a function decoding it (--stream_videos)
     max_len = min(a.max_len, cfg.llm.max_position_embeddings)  # longer answers are cut (data.encode)
     for path in a.train:
         records = data.read_conversations(path, a.video_root or None)
-        videos.update(data.load_videos(records, cfg.num_frames, cfg.vision.image_size, path))
+        videos.update(data.load_videos(records, cfg.num_frames, cfg.vision.image_size, path, a.stream_videos))
         for r in records:
             try:
                 ids, labels = data.encode(tok, r["turns"], cfg.n_video_tokens, max_len, cfg.system)
@@ -235,7 +236,7 @@ def main(a: Args):
         ids = data.pad([e["ids"] for e in batch], tok.pad_token_id).to(device)
         labels = data.pad([e["labels"] for e in batch], -100).to(device)
         mask = data.pad([[1] * len(e["ids"]) for e in batch], 0).to(device)
-        vids = [videos[str(e["video"])] for e in batch if e["video"]]
+        vids = [data.fetch(videos, str(e["video"])) for e in batch if e["video"]]
         vids = torch.stack(vids).to(device) if vids else None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)

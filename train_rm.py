@@ -29,6 +29,7 @@ import model as M
 class Args:
     prefs: str = "runs/tiny/prefs_gt/prefs.jsonl"  # preference pairs (ours or the reference's layout, SPEC 4)
     video_root: str = ""  # folder the prefs' video paths are relative to ("" = make_prefs' --video_root or prompt folder)
+    stream_videos: bool = False  # decode each video when its batch needs it, not all up front (large data sets)
     sft: str = "runs/tiny/sft/model"  # SFT checkpoint the RM starts from (SPEC 3), and its tokenizer
     out: str = "runs/tiny/rm"  # run folder: config.json, metrics.jsonl, summary.json, model/
     oracle: str = ""  # MEASUREMENT only ("" = oracle.jsonl next to --prefs, if present); never trained on
@@ -137,7 +138,7 @@ def main(a: Args):
     if (bad := next((r for r in prefs if r.get("id") is None), None)) is not None:
         raise ValueError(f"{a.prefs}: a pair without 'id' (question {bad['question']!r}); pairs are matched "
                          "with the oracle and resumed by their prompt id")
-    videos = data.load_videos(prefs, cfg.num_frames, cfg.vision.image_size, a.prefs)  # path -> (F, 3, H, W)
+    videos = data.load_videos(prefs, cfg.num_frames, cfg.vision.image_size, a.prefs, a.stream_videos)  # path -> video
     pairs = [{"id": str(r.get("id")), "pair": r.get("pair", 0), "preference": r["preference"],
               "confidence": r.get("confidence", 1.0), "video": r["video"],  # the reference's files: no confidence
               "seqs": [data.rm_input(tok, r["question"], r[f"answer_{i}"], cfg.n_video_tokens, cfg.system)
@@ -163,7 +164,7 @@ def main(a: Args):
         data.start_run(out, a, a.resume)  # the inputs are good: the run folder may be written now
 
     def load(ps):  # both answers of each pair see its video: rows ordered [answer_1s..., answer_2s...]
-        v = torch.stack([videos[str(p["video"])] for p in ps])
+        v = torch.stack([data.fetch(videos, str(p["video"])) for p in ps])
         return torch.cat([v, v]).to(a.device)
 
     def score_pairs(ps):  # -> r1, r2 (N,) without gradients; under torchrun each rank scores a contiguous share
