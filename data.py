@@ -418,11 +418,9 @@ def _uniform(n, k, span):
 
 
 def load_videos(records, num_frames, size, source, stream=False):
-    """{str(video): (F, 3, H, W)} for the records' videos, each decoded once and up front, so a corrupt or empty
-    video fails before a stage writes anything (the tiny world's videos fit in memory). stream=True, for a data set
-    that does not fit (50 frames at 336 px: 68 MB a video): each entry is a function that decodes its video when
-    the batch needing it is built (fetch), so a corrupt one fails there. Either way, a missing file failed earlier
-    (read_conversations, read_prompts, read_prefs)."""
+    """{str(video): (F, 3, H, W)}, each video decoded once, up front: a corrupt one fails before a stage writes
+    anything. stream=True, for a data set too large to hold (68 MB a 50-frame 336-px video): each entry decodes
+    its video when a batch fetches it, and fails there. (A missing file failed earlier, when records were read.)"""
     out = {}
     for r in records:
         if r.get("video") is not None and str(r["video"]) not in out:
