@@ -436,9 +436,9 @@ def _decode(video, num_frames, size, where):
         raise ValueError(f"{where}: {e}") from None
 
 
-def fetch(videos, key):  # one video of load_videos' dict, decoded now if it is streamed
-    video = videos[key]
-    return video() if callable(video) else video
+def fetch(videos, keys):  # a batch's videos from load_videos' dict; a streamed one decoded once per batch
+    got = {k: videos[k]() if callable(videos[k]) else videos[k] for k in dict.fromkeys(keys)}
+    return [got[k] for k in keys]
 
 
 def load_video(path, num_frames=8, size=32, span=(0.0, 1.0)):

@@ -371,7 +371,7 @@ def generate_answers(name, path, records, args, temperature=None, first=0):
                    for r in batch]
         ids = data.pad(prompts, cfg.pad_token_id, left=True)  # left: generation continues every row (SPEC 5)
         mask = data.pad([[1] * len(p) for p in prompts], 0, left=True)  # from lengths: correct whatever ids hold
-        videos = torch.stack([data.fetch(decoded, str(r["video"])) for r in batch])  # several questions share a video
+        videos = torch.stack(data.fetch(decoded, [str(r["video"]) for r in batch]))  # questions share videos
         resp, logp = model.generate(ids.to(args.device), mask.to(args.device), videos.to(args.device),
                                     args.max_new_tokens, args.temperature if temperature is None else temperature,
                                     generator=generator)
@@ -398,7 +398,7 @@ def best_of_n(name, path, records, args, first=0):
         seqs = [data.rm_input(tok, data.question_text(r["turns"][-1][0]), a, rm.cfg.n_video_tokens,
                               rm.cfg.system) for r, a in batch]
         ids, mask = data.pad(seqs, rm.cfg.pad_token_id, left=True), data.pad([[1] * len(q) for q in seqs], 0, left=True)
-        videos = torch.stack([data.fetch(decoded, str(r["video"])) for r, _ in batch])
+        videos = torch.stack(data.fetch(decoded, [str(r["video"]) for r, _ in batch]))
         scores += rm.reward(ids.to(args.device), mask.to(args.device), videos.to(args.device)).tolist()
     extra = load_config(args.rm)[1]
     r = ((torch.tensor(scores) - extra["score_mean"]) / extra["score_std"]).view(-1, n)  # as ppo.py normalises

@@ -370,7 +370,7 @@ def main(a: Args):
 
         # 1. rollout
         query_ids = [queries[i] for i in idx]
-        vids = torch.stack([data.fetch(videos, str(prompts[i]["video"])) for i in idx]).to(device)  # (B, F, 3, H, W)
+        vids = torch.stack(data.fetch(videos, [str(prompts[i]["video"]) for i in idx])).to(device)  # (B, F, 3, H, W)
         with autocast():
             batch = rollout(policy, ref, value_model, query_ids, vids, a, gen)
         mask, rollout_seconds = batch["mask"], time.time() - t0  # (B, N)

@@ -236,7 +236,7 @@ def main(a: Args):
         ids = data.pad([e["ids"] for e in batch], tok.pad_token_id).to(device)
         labels = data.pad([e["labels"] for e in batch], -100).to(device)
         mask = data.pad([[1] * len(e["ids"]) for e in batch], 0).to(device)
-        vids = [data.fetch(videos, str(e["video"])) for e in batch if e["video"]]
+        vids = data.fetch(videos, [str(e["video"]) for e in batch if e["video"]])
         vids = torch.stack(vids).to(device) if vids else None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, len(batches), a.lr, a.warmup)

@@ -164,7 +164,7 @@ def main(a: Args):
         data.start_run(out, a, a.resume)  # the inputs are good: the run folder may be written now
 
     def load(ps):  # both answers of each pair see its video: rows ordered [answer_1s..., answer_2s...]
-        v = torch.stack([data.fetch(videos, str(p["video"])) for p in ps])
+        v = torch.stack(data.fetch(videos, [str(p["video"]) for p in ps]))
         return torch.cat([v, v]).to(a.device)
 
     def score_pairs(ps):  # -> r1, r2 (N,) without gradients; under torchrun each rank scores a contiguous share

@@ -335,3 +335,19 @@ def test_perturbed_descriptions_change_one_fact_in_the_worlds_grammar():
         else:  # objects dropped from the end, or new ones there from the start (the world's order), the rest kept
             assert "count" in changed and (wrong.split(". ", 1)[1] in truth or truth.split(". ", 1)[1] in wrong), (truth, wrong)
             assert re.fullmatch(r"The video shows \w+ objects?\.( A [^.]+\.)*( (A|Later, a|Then the) [^.]+\.)*", wrong), wrong
+
+
+def test_streamed_videos_decode_when_fetched_once_per_batch(tmp_path, monkeypatch):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((8, 8, 3), 60 * i, np.uint8))
+    records = [{"id": "a", "video": str(folder)}, {"id": "b", "video": str(folder)}]  # two questions, one video
+    up_front = data.load_videos(records, 2, 16, "x.jsonl")
+    decoded, load_video = [], data.load_video
+    monkeypatch.setattr(data, "load_video", lambda *a: decoded.append(1) or load_video(*a))
+    streamed = data.load_videos(records, 2, 16, "x.jsonl", stream=True)
+    assert not decoded  # nothing decoded until a batch asks
+    batch = data.fetch(streamed, [str(folder)] * 3)
+    assert len(decoded) == 1 and all(torch.equal(v, up_front[str(folder)]) for v in batch)
+    assert data.fetch(up_front, [str(folder)])[0] is up_front[str(folder)]

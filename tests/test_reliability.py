@@ -209,17 +209,20 @@ def test_corrupt_empty_and_frameless_videos(world, tmp_path):
 
 @pytest.mark.parametrize("stage", ["sft", "train_rm", "ppo", "eval"])
 def test_streamed_videos_give_the_same_run(stage, world, tmp_path, monkeypatch):
-    """--stream_videos decodes each video when its batch needs it instead of all up front: same tensors, same run."""
-    decoded, load_video = [], data.load_video
-    monkeypatch.setattr(data, "load_video", lambda path, *a: decoded.append(str(path)) or load_video(path, *a))
-    run(stage, argv(stage, world, tmp_path / stage, stream_videos="true"))
-    if stage != "eval":  # decoded again each time a batch needs it (eval's few questions use each video once)
-        assert len(decoded) > len(set(decoded)) > 0
-    full = world / FULL[stage]
+    """--stream_videos decodes each video when its batch needs it instead of all up front: same tensors, same run
+    (eval with the RM's best-of-N rows too, which read the videos again)."""
+    extra = dict(rm=world / "rm" / "model", best_of=2) if stage == "eval" else {}
     if stage == "eval":
-        assert (tmp_path / stage / "results.json").read_text() == (full / "results.json").read_text()
+        run(stage, argv(stage, world, tmp_path / "up_front", **extra))
+    streamed, fetch = [], data.fetch  # what each batch got: functions that decode, not tensors decoded up front
+    monkeypatch.setattr(data, "fetch", lambda videos, keys: streamed.extend(callable(videos[k]) for k in keys)
+                        or fetch(videos, keys))
+    run(stage, argv(stage, world, tmp_path / stage, stream_videos="true", **extra))
+    assert streamed and all(streamed)
+    if stage == "eval":
+        assert (tmp_path / stage / "results.json").read_text() == (tmp_path / "up_front" / "results.json").read_text()
     else:
-        assert same_weights(full / "model", tmp_path / stage / "model")
+        assert same_weights(world / FULL[stage] / "model", tmp_path / stage / "model")
 
 
 def test_streamed_corrupt_video_fails_at_its_batch_naming_the_record(world, tmp_path):
@@ -227,7 +230,7 @@ def test_streamed_corrupt_video_fails_at_its_batch_naming_the_record(world, tmp_
     bad = write_jsonl(tmp_path / "bad.jsonl", [conversation("corrupt.mp4")])
     videos = data.load_videos(data.read_conversations(bad), 4, 48, bad, stream=True)  # nothing decoded yet
     with pytest.raises(ValueError, match=f"{bad}: record x: {tmp_path}/corrupt.mp4: unreadable"):
-        data.fetch(videos, str(tmp_path / "corrupt.mp4"))
+        data.fetch(videos, [str(tmp_path / "corrupt.mp4")])
     with pytest.raises(SystemExit, match=f"sft: error: {bad}: record x: {tmp_path}/corrupt.mp4: unreadable"):
         run("sft", argv("sft", world, tmp_path / "out", train=bad, stream_videos="true"))
     assert (tmp_path / "out" / "config.json").exists()  # the run had started: the video failed at its batch
