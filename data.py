@@ -734,7 +734,9 @@ def trim_log(path, keep):
 def start_run(out, args, resume):
     """Create the run folder and write config.json (the arguments). Stages call this once their inputs are
     checked, so bad input leaves no output. A resumed run must use the arguments of the run it continues."""
-    out, same = Path(out), lambda d: {k: v for k, v in d.items() if k not in ("resume", "device", "out")}
+    # where the run writes, on which device, and how it reads its videos may change; not what it computes
+    free = ("resume", "device", "out", "stream_videos")
+    out, same = Path(out), lambda d: {k: v for k, v in d.items() if k not in free}
     if resume and (out / "config.json").exists():
         old, new = same(json.loads((out / "config.json").read_text())), same(asdict(args))
         if diff := {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}:
