@@ -206,12 +206,13 @@ def lora_disabled(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
+def rollout(policy, ref, value_model, query_ids, videos, a, generator=None, world=1):
     """Sample one answer per query (lists of token ids) and evaluate it: -> dict of (B, ...) tensors.
 
     `logprobs` come from a fresh full forward of the policy, not from the sampler, so that the first PPO
     ratio is exactly 1 (SPEC 5); the sampler's own numbers are kept to check that the two agree.
-    ref is None with LoRA: the reference is then the policy with its adapters switched off (SPEC 3)."""
+    ref is None with LoRA: the reference is then the policy with its adapters switched off (SPEC 3). Forwards run
+    in chunks of a training minibatch (a.minibatch / world rows on each rank): the same shapes as the PPO steps."""
     cfg = policy.cfg
     device = videos.device
     queries = data.pad(query_ids, cfg.pad_token_id, left=True).to(device)  # (B, Q)
@@ -222,7 +223,7 @@ def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
     ids, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
     reference = policy if ref is None else ref
     parts = []
-    for rows in torch.arange(len(ids), device=device).split(a.minibatch):  # memory: one minibatch at a time
+    for rows in torch.arange(len(ids), device=device).split(a.minibatch // world):  # memory: a minibatch at a time
         args = (ids[rows], attention_mask[rows], videos[rows], responses.shape[1])
         logits = policy.logits(answer_hidden(policy, *args))  # (b, N, V)
         with lora_disabled(policy) if ref is None else contextlib.nullcontext():
@@ -237,9 +238,11 @@ def rollout(policy, ref, value_model, query_ids, videos, a, generator=None):
     # fp32 agrees to ~1e-5 on every token. bf16 rounds the cached and the full forward differently (max 0.03 on
     # CPU, unmeasured on GPU), so there only the mean is checked: a padding, position or temperature bug moves
     # every token's logprob, by far more than 0.05
-    if (mean_gap > 0.05) if a.bf16 else (gap > 1e-3):
-        raise RuntimeError(f"sampler and recomputed logprobs differ by {gap:.2g} at most, {mean_gap:.2g} on average: "
-                           "padding, positions or temperature differ between generate and the training forward")
+    bad = (mean_gap > 0.05) if a.bf16 else (gap > 1e-3)
+    if M.all_sum(float(bad), device) > 0:  # every rank stops (a lone rank's error would leave the others waiting)
+        raise RuntimeError(f"sampler and recomputed logprobs differ by {gap:.2g} at most, {mean_gap:.2g} on average "
+                           "(on this rank): padding, positions or temperature differ between generate and the "
+                           "training forward")
     return dict(input_ids=ids, attention_mask=attention_mask, responses=responses, mask=mask, videos=videos,
                 sampler_logprob_gap=gap, **out)
 
@@ -287,8 +290,8 @@ def ppo_step(policy, value_model, opt, mb, a, world=1):
 def main(a: Args):
     torch.manual_seed(a.seed)
     rank, world, device = M.init_distributed()  # torchrun: each rank samples and trains on a share of each rollout
-    if a.rollout_batch % world or a.minibatch % world:
-        raise ValueError(f"--rollout_batch and --minibatch must divide by the {world} ranks")
+    if a.rollout_batch % world or a.minibatch % world or a.rollout_batch % a.minibatch:
+        raise ValueError(f"--rollout_batch must divide into minibatches of --minibatch, and both by the {world} ranks")
     if a.temperature <= 0:
         raise ValueError(f"--temperature {a.temperature}: PPO samples, and its logprobs divide by it (SPEC 3: 1.0)")
     tok = data.load_tokenizer(a.sft)
@@ -372,12 +375,12 @@ def main(a: Args):
         query_ids = [queries[i] for i in idx]
         vids = torch.stack(data.fetch(videos, [str(prompts[i]["video"]) for i in idx])).to(device)  # (B, F, 3, H, W)
         with autocast():
-            batch = rollout(policy, ref, value_model, query_ids, vids, a, gen)
+            batch = rollout(policy, ref, value_model, query_ids, vids, a, gen, world)
         mask, rollout_seconds = batch["mask"], time.time() - t0  # (B, N)
 
         # 2. score: normalised with the RM's own statistics, then the no-EOS and length penalties
         with autocast():
-            raw = score(reward_model, query_ids, batch["responses"], mask, vids, suffix, a.minibatch).float()  # (B,)
+            raw = score(reward_model, query_ids, batch["responses"], mask, vids, suffix, a.minibatch // world).float()
         rm_scores = (raw - score_mean) / score_std
         has_eos, lengths = (batch["responses"] == cfg.eos_token_id).any(1), mask.sum(1)
         scores = penalised_scores(rm_scores, has_eos, lengths, a.no_eos_penalty, a.length_penalty, a.max_new_tokens)
@@ -401,7 +404,9 @@ def main(a: Args):
 
         # 5. log; then the adaptive KL controller sees this iteration's KL
         mean_all = lambda x: float(M.all_sum(x.mean(), device)) / world  # over every rank's answers
-        kl = mean_all(((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(1))  # per answer, unclamped
+        # per answer, unclamped: an unbiased estimate of KL(policy || reference), what the adaptive controller
+        # targets and the log reports; the penalty in the rewards clamps each token's term at 0 (SPEC 3)
+        kl = mean_all(((batch["logprobs"] - batch["ref_logprobs"]) * mask).sum(1))
         it += 1
         rec = {"iteration": it, "score": mean_all(scores), "rm_score": mean_all(rm_scores), "kl": kl,  # rest: rank 0's
                "non_score_reward": non_score_rewards.sum(1).mean(), "entropy": masked_mean(batch["entropy"], mask),

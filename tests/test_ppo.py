@@ -183,9 +183,15 @@ def test_answers_that_cannot_fit_the_context_window_stop_the_run_before_any_outp
     assert (tmp_path / "ok" / "model" / "config.json").exists()
 
 
+def test_rollout_must_divide_into_whole_minibatches(world, tmp_path):
+    with pytest.raises(ValueError, match="must divide into minibatches"):  # else the last step would be smaller
+        ppo.main(tiny_args(world, tmp_path / "odd", rollout_batch=4, minibatch=3))
+
+
 def test_rollout_stops_when_sampler_and_recomputed_logprobs_disagree(world, tmp_path, monkeypatch):
-    """A sampler whose logprobs are off by a bug (here: all shifted by 0.2) stops the rollout in fp32 and in bf16;
-    bf16's rounding (one token off by 0.3, the mean far below 0.05) does not stop it, fp32 would."""
+    """A sampler whose logprobs are off by a bug (here: all shifted by 0.2) stops the rollout under both checks,
+    fp32's (every token) and bf16's (the mean); one token off by 0.3, like bf16's rounding, passes bf16's check
+    (the mean far below 0.05) and not fp32's. The checks are chosen by --bf16; the forwards here run in fp32."""
     a = tiny_args(world, tmp_path, max_new_tokens=8)
     policy, value_model = M.load_pretrained(a.sft, kind="policy"), M.load_pretrained(a.rm, kind="reward", new_head="value")
     query_ids, videos = rollout_inputs(a, data.load_tokenizer(a.sft), policy.cfg.n_video_tokens)
