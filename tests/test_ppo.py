@@ -323,10 +323,12 @@ def test_lora_reference_is_the_policy_without_adapters(world, tmp_path):
 
 def test_lora_run_and_adaptive_kl_saves_a_plain_checkpoint(world, tmp_path, monkeypatch):
     """Also how main wires the math: the coefficient it uses is the one it logs, the penalties reach the
-    score, and the advantages a minibatch sees are whitened over the rollout's answer tokens."""
-    a, used, seen = ppo.Args(), [], []
-    real_rewards, real_step = ppo.compute_rewards, ppo.ppo_step
+    score, the advantages a minibatch sees are whitened over the rollout's answer tokens, and its value targets
+    are the returns from before that whitening."""
+    a, used, seen, gaes = ppo.Args(), [], [], []
+    real_rewards, real_step, real_gae = ppo.compute_rewards, ppo.ppo_step, ppo.gae
     monkeypatch.setattr(ppo, "compute_rewards", lambda *args: used.append(args[4]) or real_rewards(*args))
+    monkeypatch.setattr(ppo, "gae", lambda *args: gaes.append((args[2], *real_gae(*args))) or gaes[-1][1:])
     monkeypatch.setattr(ppo, "ppo_step", lambda *args: seen.append(args[3]) or real_step(*args))
     ppo.main(tiny_args(world, tmp_path, lora_r=4, target_kl=6.0, length_penalty=10.0))
     m = read_jsonl(tmp_path / "metrics.jsonl")
@@ -338,6 +340,10 @@ def test_lora_run_and_adaptive_kl_saves_a_plain_checkpoint(world, tmp_path, monk
     adv, mask = torch.cat([mb["advantages"] for mb in epoch]), torch.cat([mb["mask"] for mb in epoch])
     assert adv[mask.bool()].mean().item() == pytest.approx(0, abs=1e-5)
     assert adv[mask.bool()].std().item() == pytest.approx(1, abs=1e-4)
+    # the value targets are GAE's returns, taken before the advantages were whitened
+    gae_mask, _, raw_returns = gaes[0]
+    returns = torch.cat([mb["returns"] for mb in epoch])[mask.bool()].sort().values
+    assert torch.equal(returns, raw_returns[gae_mask.bool()].sort().values)
     assert m[0]["kl"] == 0 and m[0]["kl_coef"] == a.kl_coef  # LoRA B starts at 0: policy == reference
     # the controller saw KL 0 < 6 in iteration 1: the coefficient falls by the clipped 20% x 4 answers / horizon
     assert m[1]["kl_coef"] == pytest.approx(a.kl_coef * (1 - 0.2 * 4 / a.kl_horizon), abs=1e-6)
