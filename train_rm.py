@@ -256,6 +256,9 @@ def main(a: Args):
     r1, r2 = score_pairs(train_all)
     all_scores = torch.cat([r1, r2])
     mean, std = all_scores.mean().item(), all_scores.std().item()
+    if not std > 1e-6:  # NaN too: PPO and eval divide by it; an RM that scores every answer alike has learned nothing
+        raise RuntimeError(f"the RM gives the {len(all_scores)} training answers one score ({mean:.4g}, std {std:.2g}): "
+                           "nothing to normalise; check the pairs and --lr")
     if rank > 0:
         return None
 

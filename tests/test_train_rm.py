@@ -1,8 +1,9 @@
-"""train_rm.py: Bradley-Terry loss by hand, the RM input, the split by prompt, padding-independent scores,
-video paths, normalisation stored in the checkpoint, and resume == an uninterrupted run."""
+"""train_rm.py: Bradley-Terry loss by hand, the RM input, the split by video, padding-independent scores,
+video paths, normalisation stored in the checkpoint, resume == an uninterrupted run, and no oracle in training."""
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -99,6 +100,17 @@ def test_video_root_must_match_the_prefs_paths(world, tmp_path):
     (prefs / "prefs.jsonl").write_text((world / "prefs" / "prefs.jsonl").read_text())
     (prefs / "config.json").write_text(json.dumps({"prompts": str(world / "shapes" / "rl.jsonl")}))
     assert rm.main(args(world, tmp_path / "out", prefs=str(prefs / "prefs.jsonl"), video_root="", epochs=1))["steps"]
+
+
+def test_the_oracle_is_measured_never_trained_on(world, tmp_path):
+    """The same run without oracle.jsonl next to the pairs trains the same RM: the truth only measures it."""
+    (tmp_path / "prefs").mkdir()
+    shutil.copy(world / "prefs" / "prefs.jsonl", tmp_path / "prefs")
+    with_oracle = rm.main(args(world, tmp_path / "with", epochs=1))
+    without = rm.main(args(world, tmp_path / "without", prefs=str(tmp_path / "prefs" / "prefs.jsonl"), epochs=1))
+    assert with_oracle["n_oracle"] > 0 and without["n_oracle"] == 0
+    x, y = (M.load_pretrained(str(tmp_path / d / "model")).state_dict() for d in ("with", "without"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_pairs_past_the_context_window_are_left_out(world, tmp_path):
