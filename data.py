@@ -158,8 +158,7 @@ _OBJ = rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
 def description_slots(text):
     """The set of facts a description states: count, objects, their motion, appear/leave events."""
     text, slots = text.lower(), set()
-    if m := re.search(r"shows (\w+) object", text):
-        slots.add(("count", m.group(1)))
+    slots |= {("count", n) for n in re.findall(r"shows (\w+) object", text)}  # each count stated (two contradict)
     for c, s, d in re.findall(_OBJ + r" (?:appears and )?(?:moves (\w+)|stays still)", text):
         slots.add(("motion", f"{c} {s}", d or "still"))
     for slot, pattern in (("object", _OBJ), ("appears", r"a " + _OBJ + r" appears"), ("leaves", _OBJ + r" leaves")):

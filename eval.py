@@ -65,8 +65,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- scoring (pure)
-def qtype_of(record):
-    return record.get("type", "other")  # files without types (e.g. the reference's) score as one bucket
+def qtype_of(record):  # the asked (last) question's type; files without types (the reference's) score as one bucket
+    return (record.get("types") or [record.get("type", "other")])[-1]
 
 
 def prior_answers(records):
@@ -465,6 +465,8 @@ def main(args):
     # fails, in the benchmark's judging too, leaves no output and no half-updated folder)
     results, files = {}, {}
     for name, preds in answers.items():
+        if len(preds) != len(truths):  # zip would score a shorter list silently
+            raise RuntimeError(f"{name}: {len(preds)} answers to {len(truths)} questions")
         scores = [match(t, p, y) for t, p, y in zip(qtypes, preds, truths)]  # untyped (free-form): word F1
         results[name] = m = {**summarize(qtypes, scores), "source": source[name]}
         print(f"{name}: accuracy {100 * m['accuracy']:.1f}% (micro {100 * m['accuracy_micro']:.1f}%)")

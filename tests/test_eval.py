@@ -37,6 +37,8 @@ def test_slot_f1():
     assert data.slot_f1(missing, TRUTH) == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert data.score_answer("describe", missing, TRUTH) == data.slot_f1(missing, TRUTH)
     assert data.score_answer("colour", "Red.", "red") == 1.0
+    both = TRUTH + " The video shows three objects."  # a second, contradicting count is a false fact: P 6/7
+    assert data.slot_f1(both, TRUTH) == pytest.approx(2 * (6 / 7) / (6 / 7 + 1))
 
 
 def test_prior_answers_and_summary(tmp_path):
@@ -49,6 +51,7 @@ def test_prior_answers_and_summary(tmp_path):
         f.write(json.dumps({"id": "m", "type": "qa", "types": ["count", "colour", "count"], "conversations": [
             {"from": h, "value": v} for q, a in [("q", "two"), ("q", "red"), ("q", "two")] for h, v in [("human", q), ("gpt", a)]]}) + "\n")
     assert ev.prior_answers(data.read_conversations(path)) == {"colour": "blue", "count": "two"}
+    assert ev.qtype_of(data.read_conversations(path)[-1]) == "count"  # eval asks its last question: scored as that
     s = ev.summarize(["colour", "colour", "colour", "order"], [1.0, 1.0, 0.0, 0.0])
     assert s["by_type"] == {"colour": pytest.approx(2 / 3), "order": 0.0} and s["n"] == 4
     assert list(ev.summarize(["zzz", "order", "colour"], [0, 0, 0])["by_type"]) == ["colour", "order", "zzz"]
@@ -195,6 +198,7 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     assert res["models"]["c_bo3_pi"]["source"] == f"{world / 'sft'}, best of 3 by {rm_dir}"  # which RM made the row
     pred = lambda name: {json.loads(line)["prediction"] for line in (out / f"predictions_{name}.jsonl").open()}
     assert pred("c_bo3") == {"red"} and pred("c_bo3_logp") == {"green"} and pred("c_bo3_pi") == {"blue"}
+    assert all(m["n"] == 5 for m in res["models"].values())  # one kept answer per question, none dropped
 
 
 def test_table_is_fixed_width_in_qtypes_order():
