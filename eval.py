@@ -442,6 +442,14 @@ def main(args):
     prior = prior_answers(data.read_conversations(args.prior_data, check_videos=False)) if args.prior_data else None
     items = read_benchmark(args.benchmark, args.videos or Path(args.benchmark).parent / "videos", args.limit) \
         if args.benchmark else []  # read now: a missing benchmark video fails before any generation
+    if args.rm and records:  # the longest question with the longest answer must fit the RM's window: now, not after sampling
+        rm_cfg, rm_tok = load_config(args.rm)[0], data.load_tokenizer(args.rm)
+        need, rid = max((len(data.rm_input(rm_tok, data.question_text(r["turns"][-1][0]), "", rm_cfg.n_video_tokens,
+                                         rm_cfg.system)) + args.max_new_tokens, r["id"]) for r in records)
+        if need > rm_cfg.llm.max_position_embeddings:
+            raise ValueError(f"{args.data}: record {rid}: its question and an answer of --max_new_tokens {args.max_new_tokens} "
+                             f"take {need} tokens as the RM reads them, over its context window of "
+                             f"{rm_cfg.llm.max_position_embeddings}")
     if records:
         print(f"eval: {len(records)} questions from {args.data} ("
               + ", ".join(f"{t} {qtypes.count(t)}" for t in ordered(qtypes)) + ")")

@@ -356,6 +356,9 @@ class VideoLLM(nn.Module):
     def reward(self, input_ids, attention_mask, videos=None):  # -> (B,)
         """Score at each row's LAST REAL token (last index where attention_mask == 1), whatever the padding
         side; the reference reads the last slot of a fixed-length tensor instead (SPEC 5)."""
+        if input_ids.shape[1] > self.cfg.llm.max_position_embeddings:  # RoPE past the window: a garbage score
+            raise ValueError(f"an RM input of {input_ids.shape[1]} tokens exceeds the context window of "
+                             f"{self.cfg.llm.max_position_embeddings}")
         values = self.values(self(input_ids, attention_mask, videos))  # (B, T)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (attention_mask.long() * positions).argmax(-1)  # (B,)

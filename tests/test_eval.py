@@ -201,6 +201,31 @@ def test_best_of_n_keeps_the_answer_the_rm_prefers(world, monkeypatch):
     assert all(m["n"] == 5 for m in res["models"].values())  # one kept answer per question, none dropped
 
 
+def test_an_rm_whose_window_cannot_hold_the_answers_is_refused_before_sampling(world, monkeypatch):
+    """--rm scores question + answer + evaluation prompt: past the RM's window RoPE reads untrained positions. The
+    bound (longest question, --max_new_tokens) is checked before any model answers."""
+    tok, cfg = data.load_tokenizer(str(world / "sft")), M.load_config(str(world / "sft"))[0]
+    records = data.read_conversations(world / "shapes" / "eval.jsonl")[:5]
+    longest = max(len(data.rm_input(tok, data.question_text(r["turns"][-1][0]), "", cfg.n_video_tokens, cfg.system))
+                  for r in records)
+    rm_dir = world / "rm_window"
+    M.save_checkpoint(M.load_pretrained(str(world / "sft"), new_head="reward"), tok, str(rm_dir),
+                      extra_config={"stage": "rm", "score_mean": 0.0, "score_std": 1.0})
+    sampled = []
+    def short_answers(self, ids, *a, **k):  # "red" then EOS (a random model's long answers would re-tokenize longer)
+        sampled.append(ids.shape[0])
+        red = tok(" red", add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return torch.tensor([red] * ids.shape[0]), torch.zeros(ids.shape[0], len(red))
+    monkeypatch.setattr(VideoLLM, "generate", short_answers)
+    base = dict(models=[f"c={world / 'sft'}"], data=str(world / "shapes" / "eval.jsonl"), prior_data="", rm=str(rm_dir),
+                limit=5, device="cpu")
+    with pytest.raises(ValueError, match=f"take {513} tokens as the RM reads them, over its context window of 512"):
+        ev.main(ev.Args(out=str(world / "too_long"), max_new_tokens=512 - longest + 1, **base))
+    assert not (world / "too_long").exists() and not sampled
+    res = ev.main(ev.Args(out=str(world / "fits"), max_new_tokens=512 - longest, best_of=2, **base))  # fits: runs
+    assert list(res["models"]) == ["c", "c_bo2", "c_bo2_logp", "c_bo2_pi"]
+
+
 def test_table_is_fixed_width_in_qtypes_order():
     results = {"prior": ev.summarize(["order", "colour"], [0.5, 1.0]),
                "a_long_name": ev.summarize(["colour"], [0.25])}

@@ -215,6 +215,14 @@ def test_generate_checks_the_context_window_before_any_work():
         model.generate(ids, mask, videos, max_new_tokens=6)
 
 
+def test_reward_refuses_inputs_past_the_context_window():
+    """An RM score read past max_position_embeddings comes from untrained RoPE positions: an error, not a number."""
+    model = tiny_model(kind="reward", max_position_embeddings=20)
+    assert model.reward(*prompts_with_video(model.cfg, [12, 5])).shape == (2,)  # 1 + 7 video + 12 = 20: fits
+    with pytest.raises(ValueError, match="an RM input of 21 tokens exceeds the context window of 20"):
+        model.reward(*prompts_with_video(model.cfg, [13, 5]))
+
+
 def test_sampled_logprobs_match_recomputed_forward_and_seed_reproducible():
     model = tiny_model()
     ids, mask, videos = prompts_with_video(model.cfg, [2, 5, 4])
