@@ -301,7 +301,10 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
     for i, (user, assistant) in enumerate(turns):
         user = user.replace("<image>", VIDEO)
         text += f"USER: {user} ASSISTANT:"
-        prompt = tok(text, add_special_tokens=False).input_ids
+        # after an answer, tokenized behind its EOS as one pass over "...</s>USER:" would be: a LLaMA tokenizer
+        # may start "USER" without the "▁" it gets at the start of a string (tests/test_data.py)
+        after_eos = i > 0 and ids[-1] == tok.eos_token_id
+        prompt = tok(tok.eos_token + text if after_eos else text, add_special_tokens=False).input_ids[after_eos:]
         ids, labels, text = ids + prompt, labels + [-100] * len(prompt), ""
         if assistant is not None:
             answer = tok(" " + assistant, add_special_tokens=False).input_ids + [tok.eos_token_id]

@@ -351,3 +351,37 @@ def test_streamed_videos_decode_when_fetched_once_per_batch(tmp_path, monkeypatc
     batch = data.fetch(streamed, [str(folder)] * 3)
     assert len(decoded) == 1 and all(torch.equal(v, up_front[str(folder)]) for v in batch)
     assert data.fetch(up_front, [str(folder)])[0] is up_front[str(folder)]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_encode_gives_the_ids_of_one_pass_over_the_conversation_with_a_llama_tokenizer(tmp_path, legacy):
+    """Real checkpoints come with LLaMA's sentencepiece-style tokenizer, where a word's leading space is part of
+    its token ("▁red"), and what follows a special token depends on tokenizer_config.json's `legacy` ("</s>▁USER"
+    if true, "</s>USER" if false: transformers 5 builds the tokenizer from it). encode tokenizes prompts and
+    answers piece by piece (labels need the boundaries) and must give exactly the ids of the whole Vicuna v1
+    conversation tokenized in one pass, as the reference builds them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+    turns = [(f"{data.VIDEO}\nWhat colour is the circle?", "The circle is red."), ("How many objects?", "Three."),
+             ("Which moves left?", "The red circle.")]
+    words = [data.SYSTEM] + [f"USER: {q} ASSISTANT: {a}" for q, a in turns]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    bpe.train_from_iterator(words * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    LlamaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))
+    tok = data.load_tokenizer(tmp_path)  # adds <video> and <pad>, as for a real LLaMA tokenizer
+    assert tok(" red", add_special_tokens=False).input_ids == tok("red", add_special_tokens=False).input_ids  # "▁red"
+    after_eos = tok("</s>USER", add_special_tokens=False).input_ids[1:]
+    assert (after_eos == tok("USER", add_special_tokens=False).input_ids) == legacy  # the two behaviours are both tested
+    ids, labels = data.encode(tok, turns, n_video_tokens=1)
+    one_pass = f"{data.SYSTEM} " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in turns)
+    assert ids == [tok.bos_token_id] + tok(one_pass, add_special_tokens=False).input_ids
+    answers, piece = [], []  # the labelled tokens are each answer and its EOS, nothing else
+    for i, label in zip(ids, labels):
+        if label != -100 and label == tok.eos_token_id:
+            answers, piece = answers + [tok.decode(piece)], []
+        elif label != -100:
+            piece.append(i)
+    assert answers == [a for _, a in turns] and not piece
