@@ -94,9 +94,10 @@ def summarize(prefs, oracle, metrics):
            "p_first_shown": mean([(p["p_a"][0] + p["p_a"][1]) / 2 for p in prefs]),
            "seconds": round(sum(m["seconds"] for m in metrics), 1)}
     if oracle is not None:
+        # a pair has no oracle line if the truth file appeared only when an interrupted run was resumed
         by_key = {(o["id"], o["pair"]): o["oracle"] for o in oracle}
         judged = [(p["type"], p["preference"] == by_key[p["id"], p["pair"]]) for p in prefs
-                  if by_key[p["id"], p["pair"]] is not None]
+                  if by_key.get((p["id"], p["pair"])) is not None]
         out["oracle_verdicts"] = len(judged)
         out["agreement"] = mean([ok for _, ok in judged])
         out["agreement_by_type"] = {t: mean([ok for q, ok in judged if q == t])

@@ -211,6 +211,10 @@ def main(a: Args):
     if rank == 0:
         print(f"sft: {len(examples)} examples, {len(batches)} steps ({', '.join(f'{n} {s}' for s, n in n_stage.items())}), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
+        # short text-only examples are drawn, text_mix per short video example, afresh each epoch: some never are
+        if unused := len(examples) - len({i for _, b in batches for i in b}):
+            print(f"sft: {unused} of {len(examples)} examples are in no batch (short text-only ones beyond --text_mix's "
+                  "draws; raise --text_mix or --epochs_short to use more)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -269,6 +273,7 @@ def main(a: Args):
         if step == len(batches) or batches[step][0] != stage:
             bar.write(f"sft: stage {stage} done at step {step}, mean loss of its last 50 steps "
                       f"{sum(stage_loss[-50:]) / len(stage_loss[-50:]):.4f}")
+            stage_loss.clear()  # a next stage shorter than 50 steps reports its own losses only
         if step % a.save_every == 0 and step < len(batches):
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, resume_file + ".tmp")
             os.replace(resume_file + ".tmp", resume_file)

@@ -81,13 +81,14 @@ def test_pairs_clips_oracle_reference():
 def test_summary_counts():
     prefs = [{"id": "a", "pair": 0, "type": "colour", "preference": 1, "confidence": 0.9, "p_a": [0.9, 0.1]},
              {"id": "b", "pair": 0, "type": "count", "preference": 1, "confidence": 0.5, "p_a": [0.9, 0.9]},
-             {"id": "c", "pair": 0, "type": "count", "preference": 2, "confidence": 0.6, "p_a": [0.4, 0.8]}]
+             {"id": "c", "pair": 0, "type": "count", "preference": 2, "confidence": 0.6, "p_a": [0.4, 0.8]},
+             {"id": "d", "pair": 0, "type": "count", "preference": 2, "confidence": 0.6, "p_a": [0.4, 0.8]}]  # no oracle line
     oracle = [{"id": "a", "pair": 0, "oracle": 1}, {"id": "b", "pair": 0, "oracle": 2}, {"id": "c", "pair": 0, "oracle": None}]
     metrics = [{"n_prompts": 2, "n_dropped_identical": 1, "seconds": 1.0}, {"n_prompts": 2, "n_dropped_identical": 0, "seconds": 2.0}]
     s = mp.summarize(prefs, oracle, metrics)
-    assert s["n_prompts"] == 4 and s["n_pairs"] == 3 and s["n_dropped_identical"] == 1 and s["seconds"] == 3.0
+    assert s["n_prompts"] == 4 and s["n_pairs"] == 4 and s["n_dropped_identical"] == 1 and s["seconds"] == 3.0
     assert s["oracle_verdicts"] == 2 and s["agreement"] == 0.5 and s["agreement_by_type"] == {"colour": 1.0, "count": 0.0}
-    assert s["orders_disagree"] == pytest.approx(1 / 3) and s["mean_confidence"] == pytest.approx(2 / 3)
+    assert s["orders_disagree"] == pytest.approx(1 / 4) and s["mean_confidence"] == pytest.approx(2.6 / 4)
     assert "agreement" not in mp.summarize(prefs, None, metrics)
 
 
