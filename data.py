@@ -400,16 +400,14 @@ def _read_frames(path, num_frames, span=(0.0, 1.0)):
         frames = [cv2.imread(str(files[i])) for i in idx]
         if bad := [str(files[i]) for i, f in zip(idx, frames) if f is None]:
             raise ValueError(f"{bad[0]}: unreadable image")
-    else:
-        cap, raw = cv2.VideoCapture(str(path)), []
-        ok, f = cap.read()
-        while ok:  # decode everything: frame counts in container headers are unreliable
-            raw.append(f)
-            ok, f = cap.read()
-        cap.release()
-        if not raw:
+    else:  # only the sampled frames are kept (a 2-minute 720p video is ~10 GB decoded), picked by the header's
+        # frame count; when that count is wrong (headers often are), a second pass picks them by the true one
+        kept, n, guess = _grab(path, num_frames, span)
+        if n and n != guess:
+            kept, n, _ = _grab(path, num_frames, span, n)
+        if not n:
             raise ValueError(f"{path}: unreadable or zero-frame video")
-        frames = [raw[i] for i in _uniform(len(raw), num_frames, span)]
+        frames = [kept[i] for i in _uniform(n, num_frames, span)]
     return [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames]
 
 
@@ -417,6 +415,20 @@ def _uniform(n, k, span):
     """k frame indices spread evenly over frames [span[0] * n, span[1] * n) of an n-frame video."""
     first, last = int(span[0] * n), max(int(span[0] * n), math.ceil(span[1] * n) - 1)
     return np.linspace(first, min(last, n - 1), k).round().astype(int)
+
+
+def _grab(path, num_frames, span, n=None):
+    """One pass over a video file: {i: BGR frame} at the indices _uniform picks for n frames (None: the header's
+    count), the number of frames the file really has, and the n used."""
+    cap, kept, count = cv2.VideoCapture(str(path)), {}, 0
+    n = n or int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    want = set(_uniform(n, num_frames, span).tolist()) if n > 0 else set()
+    while cap.grab():
+        if count in want:
+            kept[count] = cap.retrieve()[1]
+        count += 1
+    cap.release()
+    return kept, count, n
 
 
 def load_videos(records, num_frames, size, source, stream=False):
@@ -534,11 +546,17 @@ def read_conversations(path, video_root=None, check_videos=True):
 
 
 def read_prompts(path, video_root=None):
-    """RL prompts {id, video, question, [description]} (no answers)."""
+    """RL prompts, no answers: ours {id, video|images, question, [description]} or the reference's PPO file
+    {uid, images|video, conversations: [{from: human, value: question}, ...]} -> ours."""
     out = []
     for n, r in read_records(path):
-        _need(path, n, r, ["id", "video", "question"], "prompt")
-        out.append({**r, "video": _video_path(r, path, n, video_root)})
+        human = [c.get("value") for c in r.get("conversations") or [] if isinstance(c, dict) and c.get("from") == "human"]
+        need = {"id": r.get("id", r.get("uid")), "video": r.get("video") or r.get("images"),
+                "question": r.get("question") or (question_text(human[0]) if human else None)}
+        if missing := [k for k, v in need.items() if v is None]:
+            raise ValueError(f"{path}:{n}: prompt record lacks {', '.join(map(repr, missing))} (the reference's: uid, "
+                             f"images, a human turn); has {sorted(r)}")
+        out.append({**r, **need, "video": _video_path(r, path, n, video_root)})
     return out
 
 

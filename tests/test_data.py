@@ -96,6 +96,35 @@ def test_written_video_reads_back(tmp_path):
     assert (a - data.load_video(tmp_path / "v.mp4", 8, 48)).abs().mean() < 0.1
 
 
+@pytest.mark.parametrize("header", [None, 4, 40, 0])  # the file's own count, too few, too many, none
+def test_a_video_file_is_sampled_by_its_true_frame_count_keeping_only_the_sampled_frames(tmp_path, monkeypatch, header):
+    """A long real video does not fit in memory decoded (a 2-minute 720p one is ~10 GB): only the sampled frames
+    are kept. They are picked by the container's frame count, which can be wrong; the frames must be those of
+    the true count all the same."""
+    scene = data.sample_scene(random.Random(1), "x", size=48, frames=(12, 12))
+    data.write_video(tmp_path / "v.mp4", data.render(scene))
+    full = [data._read_frames(tmp_path / "v.mp4", 12)[i] for i in data._uniform(12, 5, (0.25, 1.0))]
+    real, retrieved = cv2.VideoCapture, []
+
+    class Capture:  # the real reader, with a header that says `header` frames and a count of retrieved frames
+        def __init__(self, path):
+            self.cap = real(path)
+        def get(self, prop):
+            return self.cap.get(prop) if header is None or prop != cv2.CAP_PROP_FRAME_COUNT else header
+        def grab(self):
+            return self.cap.grab()
+        def retrieve(self):
+            retrieved.append(1)
+            return self.cap.retrieve()
+        def release(self):
+            self.cap.release()
+
+    monkeypatch.setattr(data.cv2, "VideoCapture", Capture)
+    got = data._read_frames(tmp_path / "v.mp4", 5, (0.25, 1.0))
+    assert all(np.array_equal(a, b) for a, b in zip(got, full)) and len(got) == 5
+    assert len(retrieved) <= 5 * (1 if header is None else 2)  # one pass, or a second when the header was wrong
+
+
 def test_padding_to_square_uses_clip_mean(tmp_path):
     folder = tmp_path / "wide"
     folder.mkdir()
@@ -179,6 +208,18 @@ def test_formats_accept_reference_layouts(tmp_path):
     (q,) = data.read_prefs(p)
     assert (q["question"], q["answer_1"], q["answer_2"], q["preference"]) == ("Q?", "x", "y", 2)
     assert q["video"] == str(tmp_path / "v.mp4")
+    # RL prompts: the reference's PPO file (uid, frames as `images`, the question as the human turn) and ours
+    rl = tmp_path / "rl.json"
+    rl.write_text(json.dumps([{"uid": 7, "images": ["fr/0.jpg", "fr/1.jpg"], "conversations": [
+                                  {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": ""}]},
+                              {"id": "ours", "video": "v.mp4", "question": "Q?"},
+                              {"uid": 8, "images": ["fr/0.jpg"], "conversations": [{"from": "gpt", "value": "A."}]}]))
+    with pytest.raises(ValueError, match=r"rl.json:1 \(record 3\): prompt record lacks 'question'"):  # no human turn
+        data.read_prompts(rl)
+    rl.write_text(json.dumps(json.loads(rl.read_text())[:2]))
+    refs, ours = data.read_prompts(rl)
+    assert (refs["id"], refs["question"], refs["video"]) == (7, "What moves?", [str(tmp_path / "fr/0.jpg"), str(tmp_path / "fr/1.jpg")])
+    assert (ours["id"], ours["question"], ours["video"]) == ("ours", "Q?", str(tmp_path / "v.mp4"))
 
 
 def test_loss_mask_is_assistant_tokens_and_eos(world):
