@@ -41,7 +41,7 @@ class Args:
     limit: int = 0  # only the first N prompts (0: all), for quick runs
     truth: str = ""  # MEASUREMENT only: rl answers ("" = truth/rl_answers.jsonl next to --prompts)
     resume: bool = False  # continue the run in --out (same arguments) instead of starting over
-    seed: int = 0  # batch b samples with a generator seeded from (seed, b): results do not depend on restarts
+    seed: int = 0  # batch b samples with a generator seeded from (seed, b): a restart on the same device changes nothing
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -189,6 +189,8 @@ def main(a: Args):
     if a.context not in ("gt", "self", "none") or a.k < 2 or a.k % 2:
         raise ValueError(f"--context must be gt|self|none (got {a.context!r}) and --k even >= 2 (got {a.k})")
     prompts = data.read_prompts(a.prompts, a.video_root or None)[:a.limit or None]
+    for p in prompts:  # a frame list (the reference's `images`) as a tuple: videos key caches below
+        p["video"] = tuple(p["video"]) if isinstance(p["video"], list) else p["video"]
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{a.prompts}: prompt ids must be unique (they key pairs, the oracle and resume)")
@@ -283,7 +285,9 @@ def main(a: Args):
             rows, oracle = [], []
             for (p, j, a1, a2), c, (pf, ps) in zip(pairs, ctx, p_a.tolist()):
                 p1, pref, conf = verdict(pf, ps)
-                rows.append({"id": p["id"], "pair": j, "video": os.path.relpath(p["video"], root),
+                rel = [os.path.relpath(f, root) for f in p["video"]] if isinstance(p["video"], tuple) \
+                    else os.path.relpath(p["video"], root)
+                rows.append({"id": p["id"], "pair": j, "video": rel,
                              "question": p["question"], "type": p.get("type"), "answer_1": a1, "answer_2": a2,
                              "preference": pref, "confidence": conf, "p1": p1, "p_a": [pf, ps],
                              "context_mode": a.context, "context": c})

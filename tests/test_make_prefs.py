@@ -5,6 +5,7 @@ import re
 import shutil
 from types import SimpleNamespace
 
+import cv2
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ import data
 import model as M
 from conftest import tiny_world
 import make_prefs as mp
+import ppo
 import train_rm
 
 torch.set_num_threads(1)
@@ -229,6 +231,30 @@ def test_video_root_for_prompts_with_bare_file_names(world, tmp_path):
     train_rm.main(train_rm.Args(prefs=str(tmp_path / "prefs" / "prefs.jsonl"), sft=str(world / "sft"), out=str(tmp_path / "rm"),
                                 holdout=0.0, min_confidence=0.5, epochs=1, batch_size=2, device="cpu"))  # no --video_root
     assert (tmp_path / "rm" / "model" / "config.json").exists()
+
+
+def test_the_references_prompt_file_with_frame_lists_runs_through_prefs_and_the_rm(world, tmp_path):
+    """The reference's PPO prompts: `uid`, frames as an `images` list, the question as the human turn. Pairs keep
+    the frame list (relative), train_rm reads it back, and ppo trains on the same prompt file."""
+    truth, refs = {}, []
+    for _, r in list(data.read_records(world / "shapes" / "rl.jsonl"))[:2]:
+        frames = data._read_frames(world / "shapes" / r["video"], 4)
+        names = [f"frames/{r['id']}_{i}.png" for i in range(len(frames))]
+        (tmp_path / "frames").mkdir(exist_ok=True)
+        for name, f in zip(names, frames):
+            cv2.imwrite(str(tmp_path / name), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        refs.append({"uid": r["id"], "images": names, "conversations": [{"from": "human", "value": f"<image>\n{r['question']}"}],
+                     "type": r["type"], "description": r["description"]})
+    (tmp_path / "rl.json").write_text(json.dumps(refs))
+    mp.main(args(world, tmp_path / "prefs", prompts=str(tmp_path / "rl.json"), truth=str(world / "shapes" / "truth" / "rl_answers.jsonl")))
+    rows = lines(tmp_path / "prefs" / "prefs.jsonl")
+    assert rows and all(isinstance(r["video"], list) and r["video"][0].startswith("frames/") for r in rows)
+    s = train_rm.main(train_rm.Args(prefs=str(tmp_path / "prefs" / "prefs.jsonl"), sft=str(world / "sft"),
+                                    out=str(tmp_path / "rm"), holdout=0.0, min_confidence=0.5, epochs=1, batch_size=2, device="cpu"))
+    assert s["n_train"] + s["n_below_confidence"] == len(rows)
+    ppo.main(ppo.Args(prompts=str(tmp_path / "rl.json"), sft=str(world / "sft"), rm=str(tmp_path / "rm" / "model"),
+                      out=str(tmp_path / "ppo"), iterations=1, rollout_batch=2, minibatch=2, max_new_tokens=4))
+    assert (tmp_path / "ppo" / "model" / "config.json").exists()  # PPO reads the same prompt file
 
 
 def test_pairs_too_long_for_the_judge_get_no_verdict(world, tmp_path):
