@@ -138,11 +138,13 @@ VIDEO_EXTS = ("", ".mp4", ".avi", ".mkv", ".mov", ".webm")
 
 
 def find_video(folder, name):
-    """Benchmark files name videos with or without an extension (MSVD's are .avi, ActivityNet's .mp4 or .mkv)."""
-    if found := next((Path(folder, name + ext) for ext in VIDEO_EXTS if Path(folder, name + ext).exists()), None):
+    """Benchmark files name videos with or without an extension (MSVD's are .avi, ActivityNet's .mp4 or .mkv),
+    and ActivityNet-QA names the YouTube id alone, whose file is v_<id>.mp4 (as the reference's qa_infer.py opens)."""
+    tries = [Path(folder, f"{prefix}{name}{ext}") for prefix in ("", "v_") for ext in VIDEO_EXTS]
+    if found := next((f for f in tries if f.exists()), None):
         return str(found)
-    raise FileNotFoundError(f"{Path(folder, name)}: video not found (also tried {', '.join(VIDEO_EXTS[1:])}); "
-                            "--videos must be the folder the benchmark's video_name files are in")
+    raise FileNotFoundError(f"{Path(folder, str(name))}: video not found (also tried {', '.join(VIDEO_EXTS[1:])} and "
+                            "a v_ prefix); --videos must be the folder the benchmark's video_name files are in")
 
 
 def read_benchmark(folder, videos, limit=0):
@@ -248,10 +250,13 @@ def parse_reply(text, qa=False):
         score = float(found["score"])
     except (KeyError, TypeError, ValueError):
         return None
-    pred = str(found.get("pred", "")).strip().lower()
+    # read as the reference's evaluate scripts do (Video-ChatGPT, vlm-rlaif): "yes" if the pred contains it, else
+    # "no" if it contains that; the score truncated to an integer (4.8 counts 4), so means compare with theirs
+    pred = str(found.get("pred", "")).lower()
+    pred = "yes" if "yes" in pred else "no" if "no" in pred else pred
     if not 0 <= score <= 5 or (qa and pred not in ("yes", "no")):
         return None
-    return {"score": score, **({"pred": pred} if qa else {})}
+    return {"score": int(score), **({"pred": pred} if qa else {})}
 
 
 def model_judge(ask, retries):

@@ -239,7 +239,8 @@ def test_table_is_fixed_width_in_qtypes_order():
 # ----------------------------------------------------------------------------- benchmarks and judges
 def test_parse_reply_reads_the_usual_replies():
     assert ev.parse_reply("{'score': 4}") == {"score": 4.0}
-    assert ev.parse_reply('Sure. {"score": 3.5} is my grade') == {"score": 3.5}  # JSON quoting, text around it
+    assert ev.parse_reply('Sure. {"score": 3.5} is my grade') == {"score": 3}  # JSON quoting; truncated, as the reference
+    assert ev.parse_reply("{'pred': 'Yes.', 'score': 4.8}", qa=True) == {"pred": "yes", "score": 4}  # the reference's reading
     assert ev.parse_reply("Score: 4") == {"score": 4.0}
     assert ev.parse_reply("{'pred': 'yes', 'score': 5}", qa=True) == {"pred": "yes", "score": 5.0}
     assert ev.parse_reply("{'pred': 'No', 'score': '1'}", qa=True) == {"pred": "no", "score": 1.0}
@@ -277,6 +278,10 @@ def test_find_video_tries_extensions(tmp_path):
     assert ev.find_video(tmp_path, "v1.avi") == str(tmp_path / "v1.avi")
     with pytest.raises(FileNotFoundError, match="--videos"):
         ev.find_video(tmp_path, "v2")
+    (tmp_path / "v_JspVuT6rsLA.mkv").write_bytes(b"")  # ActivityNet-QA names the YouTube id alone
+    assert ev.find_video(tmp_path, "JspVuT6rsLA") == str(tmp_path / "v_JspVuT6rsLA.mkv")
+    (tmp_path / "1234.mp4").write_bytes(b"")  # a numeric video_name (e.g. NExT-QA's)
+    assert ev.find_video(tmp_path, 1234) == str(tmp_path / "1234.mp4")
 
 
 def bench_args(world, out, **kw):
