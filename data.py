@@ -293,8 +293,8 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
     """Token ids and labels for a Vicuna-v1 conversation [(user, assistant), ...] (assistant None: a generation
     prompt). Labels are -100 except on assistant tokens and their EOS (SPEC 2). The one <video> placeholder becomes
     n_video_tokens copies of the video token, filled in by the model. Too long for max_len: the turns that fit are
-    kept whole, or the first answer is cut from its end (keeping EOS); a first prompt that does not fit is an
-    error. system: None = Vicuna v1's line (SPEC 2), "" = none."""
+    kept whole, or the first answer is cut from its end (without EOS, as LLaVA cuts); a first prompt that does not
+    fit is an error. system: None = Vicuna v1's line (SPEC 2), "" = none."""
     ids, labels, ends = [tok.bos_token_id], [-100], []  # ends: length after each answer's EOS
     system = SYSTEM if system is None else system
     text = f"{system} " if system else ""
@@ -324,7 +324,7 @@ def encode(tok, turns, n_video_tokens, max_len=None, system=None):
         prompt_len = next((i for i, l in enumerate(labels) if l != -100), len(ids))
         if prompt_len >= max_len:
             raise ValueError(f"prompt of {prompt_len} tokens does not fit max_len={max_len}")
-        ids, labels = ids[:max_len - 1] + [tok.eos_token_id], labels[:max_len - 1] + [tok.eos_token_id]
+        ids, labels = ids[:max_len], labels[:max_len]  # no EOS: a cut answer must not teach stopping mid-sentence
     return ids, labels
 
 

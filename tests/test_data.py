@@ -238,7 +238,7 @@ def test_loss_mask_is_assistant_tokens_and_eos(world):
     prompt, _ = data.encode(tok, [("Q?", None)], 5)
     assert tok.decode(prompt).endswith("USER: Q? ASSISTANT:")
     ids, labels = data.encode(tok, [("Q?", "a b c d e f g h")], 5, max_len=len(prompt) + 3)
-    assert len(ids) == len(prompt) + 3 and ids[-1] == tok.eos_token_id == labels[-1]
+    assert len(ids) == len(prompt) + 3 and tok.eos_token_id not in ids and labels[-1] == ids[-1]  # cut: no stop taught
     with pytest.raises(ValueError, match="does not fit"):
         data.encode(tok, [("Q?", "a")], 5, max_len=len(prompt) - 1)
     # several turns: those that fit stay whole, the rest are dropped (not a cut prompt followed by EOS)
