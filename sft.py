@@ -171,6 +171,8 @@ def main(a: Args):
         M.add_lora(model, a.lora_r, a.lora_alpha)  # freezes every other weight
         model.projector.requires_grad_(True)  # LLaVA trains the projector with the LLM's adapters
     model.vision.requires_grad_(not a.freeze_vision)  # with LoRA too: a from-scratch tower must learn
+    if a.vision and not a.freeze_vision and rank == 0:
+        print(f"sft: the pretrained tower {a.vision} is trained too (SPEC 2 freezes CLIP: --freeze_vision true)")
     M.broadcast_parameters(model)
     forward, autocast = M.for_training(model, device, a.bf16, a.compile, a.grad_ckpt)
 
