@@ -573,12 +573,14 @@ def question_text(user):
 
 def read_prefs(path, video_root=None):
     """Preference pairs: our fields {id, video, question, answer_1, answer_2, preference} or the reference's
-    {conversations, output_1: {value}, output_2: {value}, preference: 1|2}. -> our fields."""
+    {conversations (also wrapped in a list), output_1: {value}, output_2: {value}, preference: 1|2}, whose
+    records have no id (one is made from the file name and place, as for conversations). -> our fields."""
     out = []
-    for n, r in read_records(path):
+    for i, (n, r) in enumerate(read_records(path)):
         if "output_1" in r:  # reference layout
             _need(path, n, r, ["conversations", "output_2", "preference"], "reference preference")
-            r = {**r, "question": question_text(r["conversations"][0]["value"]),
+            conv = r["conversations"][0] if isinstance(r["conversations"][0], list) else r["conversations"]
+            r = {"id": f"{Path(path).stem}-{i}", **r, "question": question_text(conv[0]["value"]),
                  "answer_1": r["output_1"]["value"], "answer_2": r["output_2"]["value"]}
         _need(path, n, r, ["question", "answer_1", "answer_2", "preference"], "preference")
         if r["preference"] not in (1, 2):

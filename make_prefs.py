@@ -73,9 +73,11 @@ def oracle_verdict(qtype, a1, a2, truth):
 
 
 def to_reference(rec):
-    """One of our preference records -> the reference code's layout (SPEC 4)."""
+    """One of our preference records -> the reference code's layout (SPEC 4): its RM loader puts each output in
+    the place of the conversation's last (gpt) turn, so one is there. The video stays a path (it reads frame
+    lists, `images`)."""
     return {"id": rec["id"], "video": rec["video"],
-            "conversations": [{"from": "human", "value": f"{data.VIDEO}\n{rec['question']}"}],
+            "conversations": [{"from": "human", "value": f"{data.VIDEO}\n{rec['question']}"}, {"from": "gpt", "value": ""}],
             "output_1": {"value": rec["answer_1"]}, "output_2": {"value": rec["answer_2"]},
             "preference": rec["preference"]}
 

@@ -205,9 +205,14 @@ def test_formats_accept_reference_layouts(tmp_path):
     p = tmp_path / "prefs.jsonl"
     p.write_text(json.dumps({"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ?"}],
                              "output_1": {"value": "x"}, "output_2": {"value": "y"}, "preference": 2}) + "\n")
-    (q,) = data.read_prefs(p)
+    p.write_text(p.read_text() + json.dumps({"images": ["fr/0.jpg"], "conversations": [[  # wrapped, as the reference allows
+        {"from": "human", "value": "<image>\nR?"}, {"from": "gpt", "value": ""}]], "output_1": {"value": "u"},
+        "output_2": {"value": "w"}, "preference": 1}) + "\n")
+    q, q2 = data.read_prefs(p)
     assert (q["question"], q["answer_1"], q["answer_2"], q["preference"]) == ("Q?", "x", "y", 2)
     assert q["video"] == str(tmp_path / "v.mp4")
+    assert (q2["question"], q2["answer_1"], q2["preference"], q2["video"]) == ("R?", "u", 1, [str(tmp_path / "fr/0.jpg")])
+    assert (q["id"], q2["id"]) == ("prefs-0", "prefs-1")  # the reference's pairs have no id: train_rm needs one
     # RL prompts: the reference's PPO file (uid, frames as `images`, the question as the human turn) and ours
     rl = tmp_path / "rl.json"
     rl.write_text(json.dumps([{"uid": 7, "images": ["fr/0.jpg", "fr/1.jpg"], "conversations": [

@@ -76,7 +76,8 @@ def test_pairs_clips_oracle_reference():
     rec = {"id": "x", "pair": 0, "video": "videos/x.mp4", "question": "Q?", "answer_1": "a", "answer_2": "b",
            "preference": 2, "confidence": 0.7}
     assert mp.to_reference(rec) == {"id": "x", "video": "videos/x.mp4",
-                                    "conversations": [{"from": "human", "value": "<video>\nQ?"}],
+                                    "conversations": [{"from": "human", "value": "<video>\nQ?"},
+                                                      {"from": "gpt", "value": ""}],  # the reference's loader fills it
                                     "output_1": {"value": "a"}, "output_2": {"value": "b"}, "preference": 2}
 
 
