@@ -66,7 +66,7 @@ class Args:
 
 # ----------------------------------------------------------------------------- scoring (pure)
 def qtype_of(record):  # the asked (last) question's type; files without types (the reference's) score as one bucket
-    return (record.get("types") or [record.get("type", "other")])[-1]
+    return str((record.get("types") or [record.get("type", "other")])[-1])  # ActivityNet-QA's types are numbers
 
 
 def prior_answers(records):

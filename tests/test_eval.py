@@ -41,6 +41,13 @@ def test_slot_f1():
     assert data.slot_f1(both, TRUTH) == pytest.approx(2 * (6 / 7) / (6 / 7 + 1))
 
 
+def test_numeric_question_types_are_named_as_text():
+    """ActivityNet-QA numbers its question types (0-8): the table sorts them among named ones, as text."""
+    types = [ev.qtype_of({"type": t}) for t in (3, "colour", 0)]
+    assert types == ["3", "colour", "0"] and ev.ordered(types) == ["colour", "0", "3"]
+    assert ev.qtype_of({"types": ["count", 2]}) == "2" and ev.qtype_of({}) == "other"
+
+
 def test_prior_answers_and_summary(tmp_path):
     rows = [("colour", "red"), ("colour", "blue"), ("colour", "blue"), ("count", "two"), ("count", "one")]
     path = tmp_path / "sft.jsonl"
