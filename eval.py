@@ -491,20 +491,24 @@ def main(args):
     # 4. the benchmarks: every model (and the prior) answers every question; the judge scores each item per criterion
     bench = {}
     if args.benchmark:
-        questions = {}  # (video, question) -> type; a consistency Q1 is often a generic question too: ask once
-        for it in items:
-            for q in it["questions"]:
-                questions.setdefault((it["video"], q), it["type"])
-        index = {k: i for i, k in enumerate(questions)}
-        print(f"benchmark: {len(items)} items, {len(questions)} distinct questions from {args.benchmark}; "
+        # greedy: a question several items ask (a consistency Q1 is often a generic question too) is answered once;
+        # sampling: each is asked apart, as the reference's separate inference scripts do (one shared sample would
+        # make two identical phrasings agree by construction)
+        key = lambda i, j, it: (it["video"], it["questions"][j]) if args.temperature == 0 else (i, j)
+        questions = {}  # key -> (video, question, type)
+        for i, it in enumerate(items):
+            for j, q in enumerate(it["questions"]):
+                questions.setdefault(key(i, j, it), (it["video"], q, it["type"]))
+        index = {k: n for n, k in enumerate(questions)}
+        print(f"benchmark: {len(items)} items, {len(questions)} questions to answer from {args.benchmark}; "
               f"judge {judge_name}")
-        recs = [{"video": v, "turns": [(f"{data.VIDEO}\n{q}", "")]} for v, q in questions]
-        bench_answers = {"prior": [prior.get(t, "") for t in questions.values()]} if prior else {}
+        recs = [{"video": v, "turns": [(f"{data.VIDEO}\n{q}", "")]} for v, q, _ in questions.values()]
+        bench_answers = {"prior": [prior.get(t, "") for *_, t in questions.values()]} if prior else {}
         bench_answers |= {name: generate_answers(name, path, recs, args)[0] for name, path in named.items()}
         for name, ans in bench_answers.items():
             rows = []
-            for it in tqdm(items, desc=f"judge {name}"):
-                preds = [ans[index[it["video"], q]] for q in it["questions"]]
+            for i, it in enumerate(tqdm(items, desc=f"judge {name}")):
+                preds = [ans[index[key(i, j, it)]] for j in range(len(it["questions"]))]
                 for c in TASK_CRITERIA[it["task"]]:
                     result, replies = judge(c, it, preds)
                     rows.append({**{k: v for k, v in it.items() if k != "video"}, "criterion": c, "predictions": preds,

@@ -291,6 +291,22 @@ def test_find_video_tries_extensions(tmp_path):
     assert ev.find_video(tmp_path, 1234) == str(tmp_path / "1234.mp4")
 
 
+def test_benchmark_questions_are_shared_only_when_greedy(world, monkeypatch):
+    """Greedy decoding answers a question once however many items ask it; sampling asks every item's questions
+    apart (as the reference's separate inference scripts): a shared sample would make Q1 and Q2 agree by fiat."""
+    asked, real = [], ev.generate_answers
+    monkeypatch.setattr(ev, "generate_answers", lambda name, path, recs, args, **kw: asked.append(len(recs)) or
+                        real(name, path, recs, args, **kw))
+    items = ev.read_benchmark(world / "shapes" / "benchmark", world / "shapes" / "videos", 3)
+    slots = sum(len(it["questions"]) for it in items)
+    distinct = len({(it["video"], q) for it in items for q in it["questions"]})
+    assert distinct < slots  # the world's consistency Q1s repeat generic questions
+    for temperature, n in ((0.0, distinct), (0.7, slots)):
+        asked.clear()
+        ev.main(bench_args(world, world / f"bench_t{temperature}", data="", prior_data="", temperature=temperature))
+        assert asked == [n]
+
+
 def bench_args(world, out, **kw):
     shapes = world / "shapes"
     return ev.Args(**{**dict(models=[f"a={world / 'sft'}"], data=str(shapes / "eval.jsonl"),
