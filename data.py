@@ -281,7 +281,7 @@ RM_PROMPT = "Please evaluate the quality of your last response: is it accurate, 
 def rm_suffix(tok):
     """Token ids after an answer's EOS in every RM input (rm_input's tail): text answers (train_rm, eval, report)
     and sampled tokens (ppo) reach the RM in exactly one form (SPEC 5)."""
-    return tok(f"USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids
+    return tok(f"{tok.eos_token}USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids[1:]  # as encode: behind EOS
 
 
 def rm_input(tok, question, answer, n_video_tokens, system=None):
@@ -550,7 +550,9 @@ def read_prompts(path, video_root=None):
     {uid, images|video, conversations: [{from: human, value: question}, ...]} -> ours."""
     out = []
     for n, r in read_records(path):
-        human = [c.get("value") for c in r.get("conversations") or [] if isinstance(c, dict) and c.get("from") == "human"]
+        conv = r.get("conversations") or []
+        conv = conv[0] if conv and isinstance(conv[0], list) else conv  # wrapped in a list, as the reference allows
+        human = [c["value"] for c in conv if isinstance(c, dict) and c.get("from") == "human" and isinstance(c.get("value"), str)]
         need = {"id": r.get("id", r.get("uid")), "video": r.get("video") or r.get("images"),
                 "question": r.get("question") or (question_text(human[0]) if human else None)}
         if missing := [k for k, v in need.items() if v is None]:

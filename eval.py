@@ -73,7 +73,7 @@ def prior_answers(records):
     """{type: most frequent answer of that type}; ties go to the alphabetically first (file order is irrelevant)."""
     counts = {}
     for r in records:  # a multi-turn record lists each turn's type in `types` (data.py's packed sft QA)
-        for t, (_, answer) in zip(r.get("types") or [qtype_of(r)] * len(r["turns"]), r["turns"]):
+        for t, (_, answer) in zip(map(str, r.get("types") or [qtype_of(r)] * len(r["turns"])), r["turns"]):
             counts.setdefault(t, Counter())[answer.strip()] += 1
     return {t: min(c, key=lambda a: (-c[a], a)) for t, c in counts.items()}
 
@@ -252,7 +252,7 @@ def parse_reply(text, qa=False):
         return None
     # read as the reference's evaluate scripts do (Video-ChatGPT, vlm-rlaif): "yes" if the pred contains it, else
     # "no" if it contains that; the score truncated to an integer (4.8 counts 4), so means compare with theirs
-    pred = str(found.get("pred", "")).lower()
+    pred = str(found.get("pred") or "").lower()  # a None pred is no verdict, not "none" (which contains "no")
     pred = "yes" if "yes" in pred else "no" if "no" in pred else pred
     if not 0 <= score <= 5 or (qa and pred not in ("yes", "no")):
         return None
@@ -449,8 +449,8 @@ def main(args):
         if args.benchmark else []  # read now: a missing benchmark video fails before any generation
     if args.rm and records:  # the longest question with the longest answer must fit the RM's window: now, not after sampling
         rm_cfg, rm_tok = load_config(args.rm)[0], data.load_tokenizer(args.rm)
-        need, rid = max((len(data.rm_input(rm_tok, data.question_text(r["turns"][-1][0]), "", rm_cfg.n_video_tokens,
-                                         rm_cfg.system)) + args.max_new_tokens, r["id"]) for r in records)
+        need, rid = max(((len(data.rm_input(rm_tok, data.question_text(r["turns"][-1][0]), "", rm_cfg.n_video_tokens,
+                                          rm_cfg.system)) + args.max_new_tokens, r["id"]) for r in records), key=lambda x: x[0])
         if need > rm_cfg.llm.max_position_embeddings:
             raise ValueError(f"{args.data}: record {rid}: its question and an answer of --max_new_tokens {args.max_new_tokens} "
                              f"take {need} tokens as the RM reads them, over its context window of "

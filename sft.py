@@ -215,8 +215,8 @@ def main(a: Args):
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
         # short text-only examples are drawn, text_mix per short video example, afresh each epoch: some never are
         if unused := len(examples) - len({i for _, b in batches for i in b}):
-            print(f"sft: {unused} of {len(examples)} examples are in no batch (short text-only ones beyond --text_mix's "
-                  "draws; raise --text_mix or --epochs_short to use more)")
+            print(f"sft: {unused} of {len(examples)} examples are in no batch of the curriculum (--text_mix draws short "
+                  "text-only ones afresh each pass; --epochs_* 0 leaves a stage out)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)

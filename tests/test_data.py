@@ -221,8 +221,10 @@ def test_formats_accept_reference_layouts(tmp_path):
                               {"uid": 8, "images": ["fr/0.jpg"], "conversations": [{"from": "gpt", "value": "A."}]}]))
     with pytest.raises(ValueError, match=r"rl.json:1 \(record 3\): prompt record lacks 'question'"):  # no human turn
         data.read_prompts(rl)
-    rl.write_text(json.dumps(json.loads(rl.read_text())[:2]))
-    refs, ours = data.read_prompts(rl)
+    rl.write_text(json.dumps(json.loads(rl.read_text())[:2] + [{"uid": 9, "video": "v.mp4", "conversations": [[
+        {"from": "human", "value": None}, {"from": "human", "value": "<video>\nWrapped?"}]]}]))  # wrapped; a null turn
+    refs, ours, wrapped = data.read_prompts(rl)
+    assert wrapped["question"] == "Wrapped?"
     assert (refs["id"], refs["question"], refs["video"]) == (7, "What moves?", [str(tmp_path / "fr/0.jpg"), str(tmp_path / "fr/1.jpg")])
     assert (ours["id"], ours["question"], ours["video"]) == ("ours", "Q?", str(tmp_path / "v.mp4"))
 
@@ -424,6 +426,8 @@ def test_encode_gives_the_ids_of_one_pass_over_the_conversation_with_a_llama_tok
     ids, labels = data.encode(tok, turns, n_video_tokens=1)
     one_pass = f"{data.SYSTEM} " + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in turns)
     assert ids == [tok.bos_token_id] + tok(one_pass, add_special_tokens=False).input_ids
+    suffix = data.rm_suffix(tok)  # what ppo appends to sampled tokens: the tail of the RM's inputs in training
+    assert data.rm_input(tok, "Q?", "The circle is red.", 1)[-len(suffix):] == suffix
     answers, piece = [], []  # the labelled tokens are each answer and its EOS, nothing else
     for i, label in zip(ids, labels):
         if label != -100 and label == tok.eos_token_id:

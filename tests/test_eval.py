@@ -46,6 +46,7 @@ def test_numeric_question_types_are_named_as_text():
     types = [ev.qtype_of({"type": t}) for t in (3, "colour", 0)]
     assert types == ["3", "colour", "0"] and ev.ordered(types) == ["colour", "0", "3"]
     assert ev.qtype_of({"types": ["count", 2]}) == "2" and ev.qtype_of({}) == "other"
+    assert ev.prior_answers([{"types": [3, 3], "turns": [("q", "two"), ("q2", "two")]}]) == {"3": "two"}  # keyed alike
 
 
 def test_prior_answers_and_summary(tmp_path):
@@ -228,6 +229,11 @@ def test_an_rm_whose_window_cannot_hold_the_answers_is_refused_before_sampling(w
                 limit=5, device="cpu")
     with pytest.raises(ValueError, match=f"take {513} tokens as the RM reads them, over its context window of 512"):
         ev.main(ev.Args(out=str(world / "too_long"), max_new_tokens=512 - longest + 1, **base))
+    first = json.loads((world / "shapes" / "eval.jsonl").read_text().splitlines()[0])  # ids 5 and "mixed-1": both
+    mixed = world / "shapes" / "mixed.jsonl"  # as long, and not comparable with each other
+    mixed.write_text(json.dumps({**first, "id": 5}) + "\n" + json.dumps({k: v for k, v in first.items() if k != "id"}) + "\n")
+    with pytest.raises(ValueError, match="record 5: its question"):
+        ev.main(ev.Args(**{**base, "data": str(mixed)}, out=str(world / "too_long"), max_new_tokens=500))
     assert not (world / "too_long").exists() and not sampled
     res = ev.main(ev.Args(out=str(world / "fits"), max_new_tokens=512 - longest, best_of=2, **base))  # fits: runs
     assert list(res["models"]) == ["c", "c_bo2", "c_bo2_logp", "c_bo2_pi"]
@@ -257,6 +263,7 @@ def test_parse_reply_reads_the_usual_replies():
         assert ev.parse_reply(bad) is None, bad
     assert ev.parse_reply("{'score': 4}", qa=True) is None  # zero-shot QA needs the yes/no verdict too
     assert ev.parse_reply("{'pred': 'maybe', 'score': 3}", qa=True) is None
+    assert ev.parse_reply("{'pred': None, 'score': 2}", qa=True) is None  # not "none", which contains "no"
     assert ev.parse_reply("Score (0-5): 3") == ev.parse_reply("Score [0-5]: 3") == {"score": 3.0}  # not the 0
     assert ev.parse_reply("Score: -1") is None  # out of range, not read as 1
     assert ev.parse_reply("Format: {'score': 0}. My grade: {'score': 4}") == {"score": 4.0}  # the last dict
