@@ -425,7 +425,9 @@ def _grab(path, num_frames, span, n=None):
     want = set(_uniform(n, num_frames, span).tolist()) if n > 0 else set()
     while cap.grab():
         if count in want:
-            kept[count] = cap.retrieve()[1]
+            ok, kept[count] = cap.retrieve()
+            if not ok:  # a frame that demuxes but does not decode: the stage's one-line error, not a cv2 crash
+                raise ValueError(f"{path}: frame {count} unreadable")
         count += 1
     cap.release()
     return kept, count, n

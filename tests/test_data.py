@@ -123,6 +123,9 @@ def test_a_video_file_is_sampled_by_its_true_frame_count_keeping_only_the_sample
     got = data._read_frames(tmp_path / "v.mp4", 5, (0.25, 1.0))
     assert all(np.array_equal(a, b) for a, b in zip(got, full)) and len(got) == 5
     assert len(retrieved) <= 5 * (1 if header is None else 2)  # one pass, or a second when the header was wrong
+    Capture.retrieve = lambda self: (False, None)  # a frame that does not decode: a ValueError naming the file
+    with pytest.raises(ValueError, match="v.mp4: frame .* unreadable"):
+        data._read_frames(tmp_path / "v.mp4", 5)
 
 
 def test_padding_to_square_uses_clip_mean(tmp_path):
