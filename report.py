@@ -182,8 +182,6 @@ def main(a: Args):
                     + f"<tr><td>RM held-out</td><td>{pct(summary['rm_accuracy'])}</td></tr></table>")
         body.append("<table><caption>wall seconds per stage</caption>" + "".join(
             f"<tr><td>{esc(k)}</td><td>{v:.0f}</td></tr>" for k, v in summary["seconds"].items()) + "</table>")
-    if a.summary:
-        data.write_atomic(a.summary, json.dumps(summary, indent=1))
     if a.metrics:
         log = [r for _, r in data.read_records(a.metrics) if "iteration" in r]
         body.append(f"<h2>PPO ({len(log)} iterations, <code>{esc(a.metrics)}</code>)</h2><div>")
@@ -199,13 +197,15 @@ def main(a: Args):
                           for n, s in zip(names, rm))
         body.append(f'<div class="sample"><img alt="frames of {esc(str(r["video"]))}" '
                     f'src="{frame_strip(r["video"], a.frames, a.frame_height)}"><p><b>{esc(r["type"])}</b> '
-                    f'<code>{esc(r["id"])}</code>: {esc(r["question"])}<br>ground truth: <b>{esc(r["truth"])}</b></p>'
+                    f'<code>{esc(str(r["id"]))}</code>: {esc(r["question"])}<br>ground truth: <b>{esc(r["truth"])}</b></p>'
                     f"<table><tr><th>model</th><th>answer</th><th>score</th><th>RM</th></tr>{answers}</table></div>")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     data.write_atomic(a.out, f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>VLM-RLAIF report</title>'
                              f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     print(f"report: wrote {a.out} ({len(shown)} samples, {len(names)} models)")
-    if a.summary:  # the run's headline table, printed last by make reproduce
+    if a.summary:  # written last: make reproduce's target, so it exists only once the page does
+        data.write_atomic(a.summary, json.dumps(summary, indent=1))
+        # the run's headline table, printed last by make reproduce
         types = [t for t in data.QTYPES if any(t in m["by_type"] for m in summary["models"].values())]
         w = max(len(n) for n in ["model", *summary["models"]])
         print(f"{'model':<{w}}" + "".join(f"{t:>10}" for t in types + ["overall"]))

@@ -153,3 +153,15 @@ def test_run_summary_collects_the_headline_numbers(run, tmp_path):
     assert s["models"]["sft"] == {k: results["models"]["sft"][k] for k in ("accuracy", "by_type")}
     assert s["judge_agreement"] == {"none": 0.5, "gt": 0.9} and s["rm_accuracy"] == 0.75 and s["seconds"] == {"sft": 12.5}
     assert "judge, context gt" in (tmp_path / "r.html").read_text()
+
+
+def test_the_summary_make_waits_for_is_written_only_with_the_page(run, tmp_path):
+    """make reproduce's target is results.json: a report that fails (here, a missing PPO log) must not leave it
+    behind, or the next make would skip the page for good."""
+    args = dict(eval=str(run / "eval"), rm="", out=str(tmp_path / "r.html"), samples=1, summary=str(tmp_path / "s.json"),
+                device="cpu")
+    with pytest.raises(FileNotFoundError):
+        report.main(report.Args(metrics=str(tmp_path / "missing.jsonl"), **args))
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "r.html").exists()
+    report.main(report.Args(metrics="", **args))
+    assert (tmp_path / "s.json").exists() and (tmp_path / "r.html").exists()
