@@ -281,7 +281,8 @@ RM_PROMPT = "Please evaluate the quality of your last response: is it accurate, 
 def rm_suffix(tok):
     """Token ids after an answer's EOS in every RM input (rm_input's tail): text answers (train_rm, eval, report)
     and sampled tokens (ppo) reach the RM in exactly one form (SPEC 5)."""
-    return tok(f"{tok.eos_token}USER: {RM_PROMPT} ASSISTANT:", add_special_tokens=False).input_ids[1:]  # as encode: behind EOS
+    ids = encode(tok, [("", "a"), (RM_PROMPT, None)], 0, system="")[0]  # encode's own tokenization, behind an EOS
+    return ids[ids.index(tok.eos_token_id) + 1:]
 
 
 def rm_input(tok, question, answer, n_video_tokens, system=None):
