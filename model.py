@@ -180,15 +180,17 @@ def apply_rope(x, cos, sin):  # x (B, H, T, hd)
 class KVCache:
     """Keys/values of every layer, preallocated for the whole generation and written in place."""
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
-        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
-        self.length = 0  # slots filled; advanced by VideoLLM.forward after all layers wrote
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.hidden_size // cfg.num_heads)
+        # a tensor per layer, not slices of one: compiled, a write into a slice of one tensor copied it whole at
+        # every step (the compiled sampler 3x slower than eager, measured); written per layer, in place
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)] for _ in range(2))
+        self.length = 0  # slots filled, the current forward's included (VideoLLM.forward advances it first)
 
     def update(self, layer: int, k, v):  # k, v (B, Hkv, T, hd) -> everything cached so far (B, Hkv, S, hd)
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, end = self.length - k.shape[2], self.length
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class LlamaAttention(nn.Module):
@@ -324,22 +326,25 @@ class VideoLLM(nn.Module):
                                  f"need {want} ({self.cfg.n_video_tokens} each)")
         return x.masked_scatter(is_video[..., None], self.encode_video(videos).to(x.dtype))
 
-    def forward(self, input_ids, attention_mask, videos=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask, videos=None, cache: KVCache | None = None, decoder=None):
         """input_ids (B, T); attention_mask (B, S) covers cached + new tokens (S = cache.length + T).
-        Left and right padding both work: positions come from the mask. Returns hidden (B, T, D)."""
+        Left and right padding both work: positions come from the mask. Returns hidden (B, T, D).
+        decoder: what runs the layers (self.decoder; generate(compile=True) passes it compiled)."""
         T = input_ids.shape[1]
         x = self.embed(input_ids, videos)
+        if cache is not None:
+            cache.length += T  # before the layers write: each writes its keys and values at slots S - T .. S
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
         cos, sin = rope_cos_sin(position_ids, x.shape[-1] // self.cfg.llm.num_heads, self.cfg.llm.rope_theta, x.dtype)
-        mask = attention_mask_4d(attention_mask, T)
+        return (decoder or self.decoder)(x, cos, sin, attention_mask_4d(attention_mask, T), cache)
+
+    def decoder(self, x, cos, sin, mask, cache=None):  # the LLaMA layers and the final norm: (B, T, D) -> (B, T, D)
         for layer in self.llm.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():  # PPO trains in eval mode (no dropout)
                 assert cache is None, "a KV cache under gradient checkpointing would stay empty: use torch.no_grad()"
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += T
         return self.llm.norm(x)
 
     def logits(self, hidden):  # (B, T, D) -> (B, T, V)
@@ -365,9 +370,11 @@ class VideoLLM(nn.Module):
         return values.gather(1, last[:, None]).squeeze(1)
 
     def generate(self, input_ids, attention_mask, videos=None, max_new_tokens=64, temperature=1.0, top_p=1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, compile: bool = False):
         """Sample from LEFT-padded prompts with a KV cache. Returns responses (B, N) and their logprobs (B, N),
         N <= max_new_tokens (stops once every row emitted EOS); after a row's EOS: pad tokens, logprob 0.
+        compile: run the decoding steps' layers through torch.compile (README, Performance). The first call compiles
+        (seconds); a later call with a new batch size or cache length compiles once more, with that size symbolic.
 
         temperature 0 = greedy. logprobs are log_softmax(logits / T) of the chosen token (T = 1 when greedy), exactly
         what a full forward recomputes with the same scaling (SPEC 5). top_p filtering is NOT reflected in them: PPO
@@ -384,6 +391,9 @@ class VideoLLM(nn.Module):
             cache = KVCache(cfg.llm, B, T + max_new_tokens, w.device, w.dtype)
             hidden = self(input_ids, attention_mask, videos, cache)[:, -1]  # (B, D) at every row's last prompt token
             scale = temperature if temperature > 0 else 1.0
+            # one thread per fused CPU kernel: at one token per row a team of threads costs more than the work
+            # (3-6% more tokens/s at 2 threads, measured); compiled code is kept for later calls
+            decoder = torch.compile(self.decoder, options={"cpp.threads": 1}) if compile else self.decoder
             done = torch.zeros(B, dtype=torch.bool, device=w.device)
             tokens, logprobs = [], []
             for _ in range(max_new_tokens):
@@ -395,7 +405,7 @@ class VideoLLM(nn.Module):
                 if bool(done.all()) or len(tokens) == max_new_tokens:  # no forward pass whose output is never read
                     break
                 attention_mask = F.pad(attention_mask, (0, 1), value=1)
-                hidden = self(tokens[-1][:, None], attention_mask, cache=cache)[:, -1]
+                hidden = self(tokens[-1][:, None], attention_mask, cache=cache, decoder=decoder)[:, -1]
         # stacked outside inference mode: normal tensors, which PPO's training forward may save for backward
         return torch.stack(tokens, 1), torch.stack(logprobs, 1)
 
