@@ -327,7 +327,7 @@ class VideoLLM(nn.Module):
         return x.masked_scatter(is_video[..., None], self.encode_video(videos).to(x.dtype))
 
     def forward(self, input_ids, attention_mask, videos=None, cache: KVCache | None = None, decoder=None):
-        """input_ids (B, T); attention_mask (B, S) covers cached + new tokens (S = cache.length + T).
+        """input_ids (B, T); attention_mask (B, S) covers cached + new tokens (S = tokens cached before + T).
         Left and right padding both work: positions come from the mask. Returns hidden (B, T, D).
         decoder: what runs the layers (self.decoder; generate(compile=True) passes it compiled)."""
         T = input_ids.shape[1]
