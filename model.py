@@ -263,7 +263,7 @@ class VideoLLM(nn.Module):
     """forward(input_ids, attention_mask, videos, cache) -> final-norm hidden states (B, T, D).
 
     Heads are separate calls so each stage pays only for what it uses: `logits(h)`, `values(h)` and `reward(...)`.
-    `torch.compile(model)` works for training forwards (no cache); `generate` stays eager."""
+    `torch.compile(model)` works for training forwards (no cache); `generate(compile=True)` compiles its decoding steps."""
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.cfg, lc = cfg, cfg.llm
@@ -392,8 +392,9 @@ class VideoLLM(nn.Module):
             hidden = self(input_ids, attention_mask, videos, cache)[:, -1]  # (B, D) at every row's last prompt token
             scale = temperature if temperature > 0 else 1.0
             # one thread per fused CPU kernel: at one token per row a team of threads costs more than the work
-            # (3-6% more tokens/s at 2 threads, measured); compiled code is kept for later calls
-            decoder = torch.compile(self.decoder, options={"cpp.threads": 1}) if compile else self.decoder
+            # (3-6% more tokens/s at 2 threads, measured); one graph (an error, not a silent fallback, if it broke);
+            # compiled code is kept for later calls
+            decoder = torch.compile(self.decoder, fullgraph=True, options={"cpp.threads": 1}) if compile else self.decoder
             done = torch.zeros(B, dtype=torch.bool, device=w.device)
             tokens, logprobs = [], []
             for _ in range(max_new_tokens):
