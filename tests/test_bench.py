@@ -55,3 +55,18 @@ def test_tiny_shape_is_sfts_default_model():
     assert tiny["vision"] == dict(image_size=a.image_size, patch_size=a.patch, hidden_size=a.vision_hidden,
                                   num_layers=a.vision_layers, num_heads=4, intermediate_size=4 * a.vision_hidden)
     assert tiny["frames"] == a.frames
+
+
+def test_compiled_samplers_sample_every_token(tmp_path):
+    """What `make bench` times under torch.compile (not run above: it costs a minute): our compiled sampler draws
+    what our eager one draws, HF's static-cache compiled `generate` samples the full length, and the HF copy it
+    compiles leaves the eager one as it was."""
+    bench.save_hf(bench.SHAPES["mini"], str(tmp_path))
+    ours = bench.load_ours(bench.SHAPES["mini"], str(tmp_path))
+    hf = bench.HFVideoLLM(ours, str(tmp_path))
+    args = bench.Args(batch=2, new_tokens=4)
+    eager, compiled = bench.workloads(ours, hf, bench.SHAPES["mini"], args), \
+        bench.workloads(ours, hf, bench.SHAPES["mini"], args, compiled=True)
+    assert torch.equal(compiled["gen_ours"](), eager["gen_ours"]())
+    assert compiled["gen_hf"]().shape == (2, 4)
+    assert not hasattr(hf.llama.forward, "_torchdynamo_orig_callable")  # the eager HF model was not compiled
