@@ -70,10 +70,15 @@ class VLMConfig:
     bos_token_id: int = 1
     kind: str = "policy"  # "policy" | "reward" | "value": what a checkpoint is, checked on load
     system: str | None = None  # the chat template's system line the model was trained with; None = Vicuna v1's
+    pooling: str = "mean"  # "mean": VLM-RLAIF's temporal + spatial means (SPEC 2); "none": every frame's patches
+
+    def __post_init__(self):
+        if self.pooling not in ("mean", "none"):
+            raise ValueError(f"pooling must be 'mean' or 'none', not {self.pooling!r}")
 
     @property
-    def n_video_tokens(self) -> int:  # temporal tokens (one per frame) + spatial tokens (one per patch)
-        return self.num_frames + self.vision.num_patches
+    def n_video_tokens(self) -> int:  # mean: one temporal token per frame + one spatial token per patch
+        return self.num_frames * self.vision.num_patches if self.pooling == "none" else self.num_frames + self.vision.num_patches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -306,9 +311,11 @@ class VideoLLM(nn.Module):
         elif self.cfg.kind != "policy":  # reward head: small normal weight, as AlpacaFarm / LLaVA-RLHF
             nn.init.normal_(self.score_head.weight, std=1 / math.sqrt(self.cfg.llm.hidden_size + 1))
 
-    def encode_video(self, videos):  # (B, F, 3, H, W) normalised pixels -> (B, F + P, D)
+    def encode_video(self, videos):  # (B, F, 3, H, W) normalised pixels -> (B, F + P, D), unpooled (B, F * P, D)
         feats = self.vision(rearrange(videos, "b f c h w -> (b f) c h w"))  # (B*F, P, Dv)
         x = rearrange(self.projector(feats), "(b f) p d -> b f p d", b=len(videos))  # (B, F, P, D)
+        if self.cfg.pooling == "none":  # a measurement option: at tiny width the means hide motion (EXPERIMENTS.md)
+            return rearrange(x, "b f p d -> b (f p) d")
         # every frame projected, THEN pooled (SPEC 5); temporal tokens first (SPEC 2): one per frame, then one per patch
         return torch.cat([x.mean(dim=2), x.mean(dim=1)], dim=1)
 

@@ -42,6 +42,7 @@ class Args:
     vision_layers: int = 3  # from-scratch CLIP depth (the penultimate layer's output is used, SPEC 2)
     image_size: int = 48  # frames are resized to this (the world renders 48x48; CLIP-L/14-336 uses 336)
     patch: int = 12  # ViT patch size: (48 / 12)^2 = 16 spatial tokens
+    pooling: str = "mean"  # from scratch: "mean" = SPEC 2's temporal + spatial tokens; "none" = all frames x patches (128: --max_len 448)
     frames: int = 8  # frames sampled per video (SPEC 2: 50 in the reference; the world has 8-16); --init of ours: its own
     lm_text: bool = False  # True: text-only records train on every token (LLM-pretraining style); False: on answers only (the judge reads the description far better: 79% vs 52%, README)
     system: str = "none"  # from scratch: "vicuna" = SPEC 2's system line, "none" = without (halves the tiny model's input; learned faster, measured)
@@ -96,7 +97,8 @@ def build_model(a: Args, tok) -> M.VideoLLM:
                           num_kv_heads=a.kv_heads, intermediate_size=(8 * a.hidden // 3 + 7) // 8 * 8,
                           max_position_embeddings=a.max_len)
         system = {"vicuna": None, "none": ""}[a.system]
-        return M.VideoLLM(M.VLMConfig(vision=vision, llm=llm, num_frames=a.frames, system=system, **ids))
+        return M.VideoLLM(M.VLMConfig(vision=vision, llm=llm, num_frames=a.frames, system=system,
+                                         pooling=a.pooling, **ids))
     if "llm" in json.load(open(os.path.join(a.init, "config.json"))):  # one of our checkpoints
         m = M.load_pretrained(a.init, kind="policy")
         if m.cfg.num_frames != a.frames:  # one temporal token per frame: the checkpoint's layout, not a choice here

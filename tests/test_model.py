@@ -135,6 +135,28 @@ def test_pooling_after_projector_temporal_then_spatial():
     assert torch.allclose(out[:, F_:], rev[:, F_:], atol=1e-6)  # spatial tokens are a mean over frames
 
 
+def test_pooling_none_keeps_every_frame_patch_in_order_and_pools_the_same_features():
+    pooled = tiny_model()
+    cfg = tiny_cfg()
+    cfg.pooling = "none"
+    torch.manual_seed(0)
+    full = VideoLLM(cfg).eval()
+    P = cfg.vision.num_patches
+    assert cfg.n_video_tokens == cfg.num_frames * P and pooled.cfg.n_video_tokens == cfg.num_frames + P
+    videos = torch.randn(2, cfg.num_frames, 3, 16, 16)
+    with torch.no_grad():
+        out = full.encode_video(videos).unflatten(1, (cfg.num_frames, P))  # (B, F, P, D): frame-major
+        means = pooled.encode_video(videos)
+        one_frame = full.encode_video(videos[:, 1:2].expand_as(videos)).unflatten(1, (cfg.num_frames, P))
+    assert torch.allclose(torch.cat([out.mean(2), out.mean(1)], 1), means, atol=1e-6)  # same weights: means of it
+    assert torch.allclose(out[:, 1], one_frame[:, 0], atol=1e-6)  # token block f is frame f
+    ids, mask, videos = prompts_with_video(cfg, [4, 6])  # the splice takes F * P tokens per video
+    assert full(ids, mask, videos).shape == (2, ids.shape[1], cfg.llm.hidden_size)
+    assert VLMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).pooling == "none"
+    with pytest.raises(ValueError, match="pooling"):
+        VLMConfig(pooling="max")
+
+
 def test_attention_with_repeated_kv_heads_equals_grouped_sdpa():
     """The CUDA path (key/value heads repeated before SDPA, HF's repeat_kv) computes what the CPU path (SDPA's
     own grouping) does, under a causal + padding mask: query head i reads key/value head i // 2."""
