@@ -77,8 +77,9 @@ class VLMConfig:
             raise ValueError(f"pooling must be 'mean' or 'none', not {self.pooling!r}")
 
     @property
-    def n_video_tokens(self) -> int:  # mean: one temporal token per frame + one spatial token per patch
-        return self.num_frames * self.vision.num_patches if self.pooling == "none" else self.num_frames + self.vision.num_patches
+    def n_video_tokens(self) -> int:  # "mean": a temporal token per frame + a spatial token per patch; "none": F x P
+        f, p = self.num_frames, self.vision.num_patches
+        return f * p if self.pooling == "none" else f + p
 
     def to_dict(self) -> dict:
         return asdict(self)
